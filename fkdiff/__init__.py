@@ -1,0 +1,7 @@
+"""fkdiff: distil diffusion models into energies and sample compositions with Feynman-Kac SMC."""
+
+from fkdiff import diffusion
+from fkdiff.protocols import Denoiser, EnergyModel
+
+__all__ = ["diffusion", "Denoiser", "EnergyModel"]
+__version__ = "0.1.0"

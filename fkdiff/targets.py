@@ -1,0 +1,106 @@
+"""Evaluating targets: energies and scores of anything that has them, chunked, with an autograd fallback.
+
+A *target* is any object with `energy(x, sigma) -> [B]` (p_sigma ∝ exp(-energy)), optionally `score(x, sigma)`
+(else the score is -grad_x energy by autograd). A *score field* (what drives a reverse-diffusion proposal) is a
+target, or a denoiser `D(x, sigma)` whose score is (D - x) / sigma^2 (Tweedie, DESIGN.md section 2).
+
+`sigma` is always passed to the object as a `[B]` tensor in x's dtype. Evaluation is split into chunks of at most
+`max_batch` rows (memory), which never changes the result. Returned tensors are detached: no graph survives a call.
+Autograd is switched on locally where needed, so these work inside `torch.no_grad()` callers too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fkdiff.diffusion import as_sigma, score_from_denoiser
+
+__all__ = ["has_energy", "energy", "score", "energy_and_score", "chunked"]
+
+
+def has_energy(obj: Any) -> bool:
+    return callable(getattr(obj, "energy", None))
+
+
+def chunked(fn: Callable[[Tensor, Tensor], Any], x: Tensor, sigma: Tensor, max_batch: int | None):
+    """Apply fn(x_chunk, sigma_chunk) over row chunks of size max_batch and concatenate (tuples elementwise)."""
+    n = x.shape[0]
+    if max_batch is None or max_batch >= n:
+        return fn(x, sigma)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be a positive integer or None, got {max_batch}")
+    outs = [fn(x[i : i + max_batch], sigma[i : i + max_batch]) for i in range(0, n, max_batch)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def _check_energy(e: Tensor, x: Tensor, obj: Any) -> Tensor:
+    if not isinstance(e, Tensor) or e.shape != (x.shape[0],):
+        shape = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
+        raise ValueError(f"{type(obj).__name__}.energy must return shape [B]=[{x.shape[0]}], got {shape}")
+    return e
+
+
+def _score_one(obj: Any, x: Tensor, s: Tensor) -> Tensor:
+    if callable(getattr(obj, "score", None)):
+        out = obj.score(x, s)
+    elif has_energy(obj):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            e = _check_energy(obj.energy(xg, s), x, obj)
+            (g,) = torch.autograd.grad(e.sum(), xg)
+        out = -g
+    elif callable(obj):
+        with torch.no_grad():
+            out = score_from_denoiser(obj(x, s), x, s)
+    else:
+        raise TypeError(
+            f"{type(obj).__name__} is not a target or score field: it needs an energy(x, sigma) method, "
+            "a score(x, sigma) method, or must be a denoiser D(x, sigma)"
+        )
+    if out.shape != x.shape:
+        raise ValueError(f"score of {type(obj).__name__} has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+    return out.detach()
+
+
+def energy(obj: Any, x: Tensor, sigma: float | Tensor, *, max_batch: int | None = None) -> Tensor:
+    """E(x, sigma) `[N]`, detached."""
+    if not has_energy(obj):
+        raise TypeError(f"{type(obj).__name__} has no energy(x, sigma) method; SMC weights need energies")
+    s = as_sigma(sigma, x)
+
+    def fn(xc, sc):
+        with torch.no_grad():
+            return _check_energy(obj.energy(xc, sc), xc, obj).detach()
+
+    return chunked(fn, x, s, max_batch)
+
+
+def score(obj: Any, x: Tensor, sigma: float | Tensor, *, max_batch: int | None = None) -> Tensor:
+    """grad_x log p_sigma(x) `[N, *event]` of a target (score or -grad energy) or a denoiser, detached."""
+    s = as_sigma(sigma, x)
+    return chunked(lambda xc, sc: _score_one(obj, xc, sc), x, s, max_batch)
+
+
+def energy_and_score(obj: Any, x: Tensor, sigma: float | Tensor, *, max_batch: int | None = None) -> tuple[Tensor, Tensor]:
+    """(E `[N]`, score `[N, *event]`) with one forward+backward per chunk when the score comes from autograd."""
+    if not has_energy(obj):
+        raise TypeError(f"{type(obj).__name__} has no energy(x, sigma) method; SMC weights need energies")
+    s = as_sigma(sigma, x)
+
+    def fn(xc, sc):
+        if callable(getattr(obj, "score", None)):
+            with torch.no_grad():
+                e = _check_energy(obj.energy(xc, sc), xc, obj)
+            return e.detach(), _score_one(obj, xc, sc)
+        with torch.enable_grad():
+            xg = xc.detach().requires_grad_(True)
+            e = _check_energy(obj.energy(xg, sc), xc, obj)
+            (g,) = torch.autograd.grad(e.sum(), xg)
+        return e.detach(), -g.detach()
+
+    return chunked(fn, x, s, max_batch)

@@ -1,0 +1,361 @@
+"""MCMC kernels for SMC rejuvenation and annealed sampling (DESIGN.md section 5; Du et al. 2023, appendix C).
+
+Every kernel targets a density pi(x) ∝ exp(logp(x)) given by `logdensity_fn(x [N, *event]) -> (logp [N] float64,
+grad_x logp [N, *event])` and moves the whole population at once, with a per-particle accept/reject:
+
+- `HMC` — Hamiltonian Monte Carlo with leapfrog integration and identity mass matrix (Du et al. appendix C.1,
+  algorithm 2), Metropolis-corrected per particle. With `damping = gamma > 0` it is algorithm 3 (Neal 1996, partial
+  momentum refreshment): across the `num_steps` steps of one call,
+      v <- gamma v + sqrt(1 - gamma^2) lambda,  lambda ~ N(0, I);  (x', v') = Leapfrog(x, v; eps, L);
+      accept with prob min(1, pi(x') N(v') / (pi(x) N(v)))  ->  (x, v) = (x', v')   else  (x, v) = (x, -v)
+  (the algorithm's two momentum negations cancel on acceptance and flip the momentum on rejection).
+- `MALA` — Metropolis-adjusted Langevin (Besag 1994; Du et al. eq. 4 plus correction):
+      x' = x + (eps^2 / 2) grad logp(x) + eps z,  accepted with the Metropolis–Hastings ratio of the Gaussian proposals.
+- `ULA`, `UHMC` — the same moves without the correction (Du et al. eq. 4; Geffner & Domke 2021). They are
+  *approximate*: they leave a perturbed law invariant (e.g. ULA on N(0, s^2) at step eps has stationary variance
+  s^2 / (1 - eps^2 / (4 s^2))). `kernel.adjusted` is False for them and `info.acceptance` is 1.
+
+Step size (DESIGN.md section 5, "what reference runs taught"; Du et al. appendix C.2): unless a float is given,
+    eps = c / sqrt(median_n mean_d (grad logp(x_n))_d^2),
+a population scale (the median, so that a few boundary particles with huge gradients do not shrink everyone's step)
+that tracks sigma for free, times a constant `c` adapted from call to call (level to level in SMC):
+    log c <- log c + adapt_gain * (mean acceptance - target_accept).
+Unadjusted kernels do not adapt `c` (they have no acceptance to adapt on; their would-be Metropolis acceptance is
+reported as `info.mh_acceptance` at no extra evaluation): they use `init_scale` times the population scale, or the
+fixed step size. Adapting them on the would-be acceptance was tried and drove them past the integrator's stability
+limit on 2D Gaussians, where the would-be acceptance stays high while the chain already diverges.
+
+A proposal whose logp is NaN / +-inf, or whose position or gradient is not finite, is always rejected (also by the
+unadjusted kernels), so positions never become NaN; such proposals are counted in `info.num_nonfinite`. Proposals
+whose Hamiltonian error exceeds `divergence_threshold` nats are counted as divergent.
+
+All randomness comes from the `generator` argument, drawn for the whole population at once. No autograd graph is
+kept: positions are detached and `logdensity_fn` is expected to return detached tensors (see `target_logdensity`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fkdiff.targets import energy_and_score
+
+__all__ = [
+    "MCMCState",
+    "MCMCInfo",
+    "Kernel",
+    "HMC",
+    "MALA",
+    "ULA",
+    "UHMC",
+    "population_scale",
+    "run",
+    "target_logdensity",
+]
+
+LogDensityFn = Callable[[Tensor], "tuple[Tensor, Tensor]"]
+
+_LOG_C_MIN, _LOG_C_MAX = math.log(1e-6), math.log(1e3)
+
+
+@dataclass(frozen=True)
+class MCMCState:
+    """Adaptation state carried from call to call (level to level): `log_scale` = log c, plus the last call's numbers."""
+
+    log_scale: float
+    num_calls: int = 0
+    acceptance: float = math.nan  # population mean of the (would-be) Metropolis acceptance probability, last call
+    step_size: float = math.nan  # step size used by the last call
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+
+@dataclass(frozen=True)
+class MCMCInfo:
+    """Diagnostics of one kernel call.
+
+    acceptance    `[N]` float64: mean Metropolis acceptance probability min(1, ratio) per particle over the call's steps
+                  (1.0 for unadjusted kernels). Its population mean drives the step-size adaptation.
+    mh_acceptance `[N]` float64: the same Metropolis probability, also for unadjusted kernels (what it would have been).
+    step_size     float used in this call.
+    num_evals     logdensity+grad evaluations per particle in this call.
+    num_divergent proposals (summed over particles and steps) with Hamiltonian/MH error > divergence_threshold.
+    num_nonfinite proposals rejected because logp, position or gradient was NaN/inf.
+    logp, grad    logp `[N]` and grad `[N, *event]` at the returned positions (pass them to the next call).
+    """
+
+    acceptance: Tensor
+    mh_acceptance: Tensor
+    step_size: float
+    num_evals: int
+    num_divergent: int
+    num_nonfinite: int
+    logp: Tensor
+    grad: Tensor
+
+    @property
+    def mean_acceptance(self) -> float:
+        return float(self.acceptance.mean())
+
+
+def population_scale(grad: Tensor) -> float:
+    """1 / sqrt(median over particles of the mean squared gradient) for `grad` `[N, *event]`.
+
+    Non-finite rows are ignored; a zero or undefined median (a flat density) falls back to the mean, then to 1.
+    """
+    msg = grad.detach().double().flatten(1).pow(2).mean(1)
+    msg = msg[torch.isfinite(msg)]
+    if msg.numel() == 0:
+        return 1.0
+    med = float(msg.median())
+    if not med > 0:
+        med = float(msg.mean())
+    if not (med > 0 and math.isfinite(med)):
+        return 1.0
+    return 1.0 / math.sqrt(med)
+
+
+def _evaluate(logdensity_fn: LogDensityFn, x: Tensor) -> tuple[Tensor, Tensor]:
+    logp, grad = logdensity_fn(x)
+    if logp.shape != (x.shape[0],):
+        raise ValueError(f"logdensity_fn must return logp of shape [N]=[{x.shape[0]}], got {tuple(logp.shape)}")
+    if grad.shape != x.shape:
+        raise ValueError(f"logdensity_fn must return grad of shape {tuple(x.shape)}, got {tuple(grad.shape)}")
+    return logp.detach().double(), grad.detach().to(x.dtype)
+
+
+def _rowsum(t: Tensor) -> Tensor:
+    return t.double().flatten(1).sum(1)
+
+
+def _rowfinite(t: Tensor) -> Tensor:
+    return torch.isfinite(t).flatten(1).all(1)
+
+
+def _bcast(mask: Tensor, x: Tensor) -> Tensor:
+    return mask.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kernel:
+    """Shared plumbing: step-size choice, adaptation, acceptance bookkeeping. Subclasses implement `_move`."""
+
+    num_steps: int = 1
+    step_size: float | None = None
+    target_accept: float = 0.65
+    init_scale: float = 0.5
+    adapt_gain: float = 0.5
+    max_step_size: float | None = None
+    divergence_threshold: float = 1000.0
+
+    adjusted = True  # class attribute, overridden by the unadjusted kernels
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.step_size is not None and not (self.step_size > 0 and math.isfinite(self.step_size)):
+            raise ValueError(f"step_size must be a positive float or None, got {self.step_size}")
+        if not 0.0 < self.target_accept < 1.0:
+            raise ValueError(f"target_accept must be in (0, 1), got {self.target_accept}")
+        if not self.init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
+
+    # -- adaptation ------------------------------------------------------------------------------
+    def init_state(self) -> MCMCState:
+        return MCMCState(log_scale=math.log(self.init_scale))
+
+    def current_step_size(self, state: MCMCState, grad: Tensor) -> float:
+        """The step size this call uses: the fixed one, or c * population_scale(grad), capped by max_step_size."""
+        if self.step_size is not None:
+            return float(self.step_size)
+        eps = math.exp(state.log_scale) * population_scale(grad)
+        if self.max_step_size is not None:
+            eps = min(eps, float(self.max_step_size))
+        return eps
+
+    def _adapt(self, state: MCMCState, mean_acc: float, eps: float) -> MCMCState:
+        log_c = state.log_scale
+        if self.step_size is None and self.adjusted and math.isfinite(mean_acc):
+            log_c = min(max(log_c + self.adapt_gain * (mean_acc - self.target_accept), _LOG_C_MIN), _LOG_C_MAX)
+        return replace(state, log_scale=log_c, num_calls=state.num_calls + 1, acceptance=mean_acc, step_size=eps)
+
+    # -- one call ----------------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: Tensor,
+        logdensity_fn: LogDensityFn,
+        *,
+        generator: torch.Generator | None,
+        state: MCMCState,
+        logp: Tensor | None = None,
+        grad: Tensor | None = None,
+    ) -> tuple[Tensor, MCMCState, MCMCInfo]:
+        """Run `num_steps` steps on every particle of `x` `[N, *event]`.
+
+        `logp` `[N]` / `grad` `[N, *event]` at `x` may be passed to save one evaluation.
+        Returns (x_new `[N, *event]`, adapted state, MCMCInfo).
+        """
+        x = x.detach()
+        num_evals = 0
+        if logp is None or grad is None:
+            logp, grad = _evaluate(logdensity_fn, x)
+            num_evals += 1
+        else:
+            logp, grad = logp.detach().double(), grad.detach().to(x.dtype)
+        logp = torch.where(torch.isnan(logp), torch.full_like(logp, -math.inf), logp)
+        eps = self.current_step_size(state, grad)
+        x, logp, grad, acc, mh_acc, evals, n_div, n_bad = self._move(x, logp, grad, logdensity_fn, eps, generator)
+        num_evals += evals
+        mean_acc = float(mh_acc.mean())
+        info = MCMCInfo(acceptance=acc, mh_acceptance=mh_acc, step_size=eps, num_evals=num_evals,
+                        num_divergent=n_div, num_nonfinite=n_bad, logp=logp, grad=grad)
+        return x, self._adapt(state, mean_acc, eps), info
+
+    def _move(self, x, logp, grad, logdensity_fn, eps, generator):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _accept(self, log_ratio: Tensor, ok: Tensor, generator, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-particle acceptance: (probability `[N]`, accepted mask `[N]`). Non-finite proposals (`~ok`) never pass."""
+        log_ratio = torch.where(ok & ~torch.isnan(log_ratio), log_ratio, torch.full_like(log_ratio, -math.inf))
+        prob = log_ratio.clamp(max=0.0).exp()
+        if not self.adjusted:
+            return prob, ok
+        u = torch.rand(log_ratio.shape[0], generator=generator, dtype=torch.float64, device=x.device)
+        return prob, ok & (u < prob)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HMC(Kernel):
+    """Metropolis-corrected HMC (Du et al. alg. 2), partial momentum refresh with `damping` (alg. 3)."""
+
+    num_leapfrog: int = 3
+    damping: float = 0.0
+    target_accept: float = 0.65
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_leapfrog < 1:
+            raise ValueError(f"num_leapfrog must be >= 1, got {self.num_leapfrog}")
+        if not 0.0 <= self.damping < 1.0:
+            raise ValueError(f"damping must be in [0, 1), got {self.damping}")
+
+    def _move(self, x, logp, grad, logdensity_fn, eps, generator):
+        n = x.shape[0]
+        mh_sum = torch.zeros(n, dtype=torch.float64, device=x.device)
+        n_div = n_bad = 0
+        gamma = self.damping
+        v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if gamma > 0 else None
+        for _ in range(self.num_steps):
+            lam = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            v = lam if v is None or gamma == 0 else gamma * v + math.sqrt(1.0 - gamma**2) * lam
+            # leapfrog (L steps, L evaluations: the gradient at x is cached)
+            xn, g = x, grad
+            vn = v + 0.5 * eps * g
+            for ell in range(self.num_leapfrog):
+                xn = xn + eps * vn
+                lpn, g = _evaluate(logdensity_fn, xn)
+                vn = vn + (eps if ell < self.num_leapfrog - 1 else 0.5 * eps) * g
+            ok = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(g) & _rowfinite(vn)
+            d_h = (-lpn + 0.5 * _rowsum(vn**2)) - (-logp + 0.5 * _rowsum(v**2))  # H' - H
+            prob, accept = self._accept(-d_h, ok, generator, x)
+            n_bad += int((~ok).sum())
+            n_div += int((ok & (d_h > self.divergence_threshold)).sum())
+            mh_sum += prob
+            m = _bcast(accept, x)
+            x = torch.where(m, xn, x)
+            grad = torch.where(m, g, grad)
+            logp = torch.where(accept, lpn, logp)
+            v = torch.where(m, vn, -v)  # alg. 3: momentum kept on accept, flipped on reject
+        k = self.num_steps
+        acc = mh_sum / k if self.adjusted else torch.ones_like(mh_sum)
+        return x, logp, grad, acc, mh_sum / k, k * self.num_leapfrog, n_div, n_bad
+
+
+@dataclass(frozen=True, kw_only=True)
+class UHMC(HMC):
+    """Unadjusted HMC (no Metropolis step; approximate; Du et al. appendix C.1, Geffner & Domke 2021)."""
+
+    adjusted = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class MALA(Kernel):
+    """Metropolis-adjusted Langevin: x' = x + (eps^2/2) grad logp(x) + eps z, MH-corrected per particle."""
+
+    target_accept: float = 0.57
+
+    def _move(self, x, logp, grad, logdensity_fn, eps, generator):
+        n = x.shape[0]
+        mh_sum = torch.zeros(n, dtype=torch.float64, device=x.device)
+        n_div = n_bad = 0
+        h = 0.5 * eps**2
+        for _ in range(self.num_steps):
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            xn = x + h * grad + eps * z
+            lpn, gn = _evaluate(logdensity_fn, xn)
+            ok = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(gn)
+            log_fwd = -0.5 * _rowsum(z**2)  # log q(x' | x) + const
+            log_bwd = -0.5 * _rowsum((x - xn - h * gn) ** 2) / eps**2  # log q(x | x') + const
+            log_ratio = lpn - logp + log_bwd - log_fwd
+            prob, accept = self._accept(log_ratio, ok, generator, x)
+            n_bad += int((~ok).sum())
+            n_div += int((ok & (-log_ratio > self.divergence_threshold)).sum())
+            mh_sum += prob
+            m = _bcast(accept, x)
+            x = torch.where(m, xn, x)
+            grad = torch.where(m, gn, grad)
+            logp = torch.where(accept, lpn, logp)
+        k = self.num_steps
+        acc = mh_sum / k if self.adjusted else torch.ones_like(mh_sum)
+        return x, logp, grad, acc, mh_sum / k, k, n_div, n_bad
+
+
+@dataclass(frozen=True, kw_only=True)
+class ULA(MALA):
+    """Unadjusted Langevin: the MALA move always taken (approximate, biased at finite step; Du et al. eq. 4)."""
+
+    adjusted = False
+
+
+def run(
+    kernel: Kernel,
+    x0: Tensor,
+    logdensity_fn: LogDensityFn,
+    *,
+    num_iters: int,
+    generator: torch.Generator | None,
+    adapt: bool = True,
+    state: MCMCState | None = None,
+) -> tuple[Tensor, MCMCState, list[MCMCInfo]]:
+    """Standalone driver: `num_iters` kernel calls from `x0` `[N, *event]` on a fixed target.
+
+    Evaluations are reused between calls (logp/grad of the returned positions). With `adapt=False` every call uses
+    the initial state (fixed c). Returns (x `[N, *event]`, final state, list of MCMCInfo).
+    """
+    state0 = kernel.init_state() if state is None else state
+    st, x, logp, grad, infos = state0, x0.detach(), None, None, []
+    for _ in range(num_iters):
+        x, new_st, info = kernel(x, logdensity_fn, generator=generator, state=st, logp=logp, grad=grad)
+        st = new_st if adapt else replace(new_st, log_scale=state0.log_scale)
+        logp, grad = info.logp, info.grad
+        infos.append(info)
+    return x, st, infos
+
+
+def target_logdensity(target: Any, sigma: float | Tensor, *, max_batch: int | None = None) -> LogDensityFn:
+    """logdensity_fn of pi(x) ∝ exp(-E(x, sigma)) for any target (energy, optional score; fkdiff.targets).
+
+    Returns `fn(x [N, *event]) -> (-E [N] float64, score [N, *event])`, chunked by `max_batch`, detached.
+    """
+
+    def fn(x: Tensor) -> tuple[Tensor, Tensor]:
+        e, s = energy_and_score(target, x, sigma, max_batch=max_batch)
+        return -e.double(), s
+
+    return fn

@@ -1,0 +1,383 @@
+"""LightningDataModules for `toy2d`, `shapes`, `digits`, `cifar10`, and the `build_datamodule` registry (issue 2).
+
+Contract shared by every datamodule:
+- batches are dicts `{"x": float32 [B, *event], "cond": ...}`; "cond" is absent for unconditional data, a long `[B]`
+  class label for cond_kind "class", a float32 `[B, 2]` normalised (x, y) position for cond_kind "position";
+- attributes `event_shape`, `cond_kind`, `num_classes`, `cond_dim`, `sigma_data` (the standard deviation of the
+  training values pooled over coordinates; exact from the teacher for toy2d);
+- data are built in memory, deterministically from `seed`, identically on every rank;
+- the train order is a pure function of (seed, epoch): `SeededShuffleSampler` draws a permutation from a generator
+  seeded by (seed, epoch) and follows Lightning's `set_epoch` calls; under DDP Lightning wraps it in a
+  `DistributedSamplerWrapper`, which shards that same order across ranks. Batches are gathered with one tensor
+  index per batch (`Dataset.__getitems__`), not per example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any, Iterator
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from fkdiff.data.shapes import ShapesSample, generate_shapes
+from fkdiff.data.sources import load_cifar10, load_digits, resolve_cifar10_dir, uint8_to_unit
+
+__all__ = [
+    "ArrayDataset",
+    "SeededShuffleSampler",
+    "Toy2DDataModule",
+    "ShapesDataModule",
+    "DigitsDataModule",
+    "CIFAR10DataModule",
+    "DATAMODULES",
+    "build_datamodule",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# datasets, sampler, collate
+
+
+class ArrayDataset(Dataset):
+    """In-memory examples: example i is `{"x": transform(x[rows[i]]), "cond": cond[i]}` (rows defaults to i)."""
+
+    def __init__(self, x: Tensor, cond: Tensor | None = None, rows: Tensor | None = None, transform=None):
+        n = len(rows) if rows is not None else len(x)
+        if cond is not None and len(cond) != n:
+            raise ValueError(f"cond has {len(cond)} entries for {n} examples")
+        self.x, self.cond, self.rows, self.transform = x, cond, rows, transform
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitems__(self, indices) -> dict[str, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.x[self.rows[idx] if self.rows is not None else idx]
+        out = {"x": self.transform(x) if self.transform is not None else x}
+        if self.cond is not None:
+            out["cond"] = self.cond[idx]
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([int(i)]).items()}
+
+
+def collate_batch(batch):
+    """Pass through batches already gathered by `ArrayDataset.__getitems__`; default-collate anything else."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit generator seed that is a pure function of (seed, epoch)."""
+    return int.from_bytes(hashlib.sha256(f"fkdiff:{int(seed)}:{int(epoch)}".encode()).digest()[:8], "little") >> 1
+
+
+class SeededShuffleSampler(Sampler[int]):
+    """A random permutation of range(n) per epoch, drawn from `torch.Generator().manual_seed(epoch_seed(seed, epoch))`.
+
+    `set_epoch` (called by Lightning at every epoch start, forwarded by its DistributedSamplerWrapper) selects the
+    epoch, so the order does not depend on how many epochs were iterated before (resuming gives the same order).
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def _split(n: int, val_fraction: float, seed: int | None) -> tuple[Tensor, Tensor]:
+    """Deterministic train/val index split; a seeded permutation when seed is given, else the first/last rows."""
+    n_val = max(1, int(round(val_fraction * n)))
+    if n_val >= n:
+        raise ValueError(f"val_fraction={val_fraction} leaves no training data out of {n} examples")
+    order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[: n - n_val], order[n - n_val:]
+
+
+def _pooled_std(x: Tensor) -> float:
+    return float(x.to(torch.float64).std())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# base
+
+
+class _InMemoryDataModule(LightningDataModule):
+    """Shared plumbing: argument checks, lazy deterministic build, seeded train order, dict batches."""
+
+    name: str = ""
+    event_shape: tuple[int, ...]
+    cond_kind: str = "none"
+    num_classes: int | None = None
+    cond_dim: int | None = None
+
+    def __init__(self, batch_size: int = 256, num_workers: int = 0, seed: int = 0,
+                 val_batch_size: int | None = None, drop_last: bool = False):
+        super().__init__()
+        for key, val, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+                raise ValueError(f"{self.name}: {key} must be an int >= {lo}, got {val!r}")
+        if val_batch_size is not None and (not isinstance(val_batch_size, int) or val_batch_size < 1):
+            raise ValueError(f"{self.name}: val_batch_size must be an int >= 1 or None, got {val_batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{self.name}: seed must be a non-negative int, got {seed!r}")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.val_batch_size = val_batch_size or batch_size
+        self.drop_last = bool(drop_last)
+        self.train_set: ArrayDataset | None = None
+        self.val_set: ArrayDataset | None = None
+        self._sigma_data: float | None = None
+
+    @staticmethod
+    def _check_fraction(val_fraction: float, name: str) -> float:
+        if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+            raise ValueError(f"{name}: val_fraction must be in (0, 1), got {val_fraction!r}")
+        return float(val_fraction)
+
+    def _build(self) -> None:
+        """Fill self.train_set, self.val_set and self._sigma_data (deterministic in self.seed)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self._build()
+
+    @property
+    def sigma_data(self) -> float:
+        """Standard deviation of the training values (pooled over coordinates)."""
+        self.setup()
+        return self._sigma_data
+
+    def _loader(self, dataset: ArrayDataset, batch_size: int, sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False if sampler is None else None,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_batch,
+            # the loader draws a base seed per iteration: give it its own generator, never the global RNG
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        sampler = SeededShuffleSampler(len(self.train_set), self.seed)
+        return self._loader(self.train_set, self.batch_size, sampler, self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return self._loader(self.val_set, self.val_batch_size, None, False)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(event_shape={self.event_shape}, cond_kind={self.cond_kind!r}, "
+                f"batch_size={self.batch_size}, seed={self.seed})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# toy2d
+
+
+class Toy2DDataModule(_InMemoryDataModule):
+    """Exact samples from an analytic teacher (a preset name from `teachers.presets`, or any object with `dim` and
+    `sample(n, generator)`), drawn once from `seed`: `num_samples` in all, the last `val_fraction` for validation.
+    The teacher stays available as `.teacher` (exact denoiser, score, energy). Unconditional."""
+
+    name = "toy2d"
+
+    def __init__(self, preset: Any = "ring8", preset_kwargs: dict | None = None, num_samples: int = 65536,
+                 val_fraction: float = 0.1, batch_size: int = 512, num_workers: int = 0, seed: int = 0,
+                 val_batch_size: int | None = None, drop_last: bool = False):
+        super().__init__(batch_size, num_workers, seed, val_batch_size, drop_last)
+        if isinstance(preset, str):
+            from teachers.presets import make_preset
+
+            self.teacher = make_preset(preset, **dict(preset_kwargs or {}))
+        elif hasattr(preset, "sample") and hasattr(preset, "dim"):
+            if preset_kwargs:
+                raise ValueError("toy2d: preset_kwargs only apply to a preset given by name")
+            self.teacher = preset
+        else:
+            raise TypeError(f"toy2d: preset must be a preset name or a teacher with .dim and .sample(n, generator), "
+                            f"got {type(preset).__name__}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+            raise ValueError(f"toy2d: num_samples must be an int >= 2, got {num_samples!r}")
+        self.num_samples = num_samples
+        self.val_fraction = self._check_fraction(val_fraction, self.name)
+        self.event_shape = (int(self.teacher.dim),)
+
+    def _build(self) -> None:
+        x = self.teacher.sample(self.num_samples, generator=torch.Generator().manual_seed(self.seed))
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        tr, va = _split(self.num_samples, self.val_fraction, None)  # iid draws: first / last rows
+        self.train_set, self.val_set = ArrayDataset(x[tr]), ArrayDataset(x[va])
+        if hasattr(self.teacher, "covariance"):  # exact: sqrt(trace(Cov) / d)
+            cov = self.teacher.covariance()
+            self._sigma_data = float((torch.diagonal(cov).sum() / cov.shape[0]).sqrt())
+        else:
+            self._sigma_data = float(x[tr].to(torch.float64).var(0).mean().sqrt())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shapes
+
+
+class ShapesDataModule(_InMemoryDataModule):
+    """Procedural multi-object scenes (`fkdiff.data.shapes`): `num_samples` images generated from `seed`, the last
+    `val_fraction` of them for validation. Every (image, one of its objects) pair is an example, cond = that object's
+    normalised (x, y) position (cond_kind "position", cond_dim 2), as in Du et al.'s CLEVR experiment.
+    The generated scenes (positions, counts, kinds, colours) are kept as `.scenes`; `.num_train_images` splits them."""
+
+    name = "shapes"
+    cond_kind = "position"
+    cond_dim = 2
+
+    def __init__(self, canvas: int = 16, num_samples: int = 8192, min_objects: int = 1, max_objects: int = 5,
+                 radius: int | None = None, min_separation: int | None = None, val_fraction: float = 0.1,
+                 batch_size: int = 128, num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None,
+                 drop_last: bool = False):
+        super().__init__(batch_size, num_workers, seed, val_batch_size, drop_last)
+        if isinstance(canvas, bool) or not isinstance(canvas, int) or canvas < 8 or canvas & (canvas - 1):
+            raise ValueError(f"shapes: canvas must be a power of two >= 8 (16 or 32 typical), got {canvas!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+            raise ValueError(f"shapes: num_samples (images) must be an int >= 2, got {num_samples!r}")
+        if not (isinstance(min_objects, int) and isinstance(max_objects, int) and 1 <= min_objects <= max_objects):
+            raise ValueError(f"shapes: need 1 <= min_objects <= max_objects, got {min_objects!r}, {max_objects!r}")
+        self.canvas, self.num_samples = canvas, num_samples
+        self.min_objects, self.max_objects = min_objects, max_objects
+        self.radius, self.min_separation = radius, min_separation
+        self.val_fraction = self._check_fraction(val_fraction, self.name)
+        self.event_shape = (3, canvas, canvas)
+        self.scenes: ShapesSample | None = None
+        self.num_train_images: int | None = None
+
+    def _pairs(self, image_ids: Tensor) -> tuple[Tensor, Tensor]:
+        counts = self.scenes.counts[image_ids]
+        rows = image_ids.repeat_interleave(counts)
+        obj = torch.cat([torch.arange(int(c)) for c in counts.tolist()])
+        return rows, self.scenes.positions[rows, obj].contiguous()
+
+    def _build(self) -> None:
+        self.scenes = generate_shapes(self.num_samples, self.canvas, self.min_objects, self.max_objects,
+                                      self.radius, self.min_separation,
+                                      generator=torch.Generator().manual_seed(self.seed))
+        tr, va = _split(self.num_samples, self.val_fraction, None)  # iid scenes: first / last images
+        self.num_train_images = len(tr)
+        images = self.scenes.images
+        rows, cond = self._pairs(tr)
+        self.train_set = ArrayDataset(images, cond, rows=rows)
+        rows, cond = self._pairs(va)
+        self.val_set = ArrayDataset(images, cond, rows=rows)
+        self._sigma_data = _pooled_std(images[tr])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# digits
+
+
+class DigitsDataModule(_InMemoryDataModule):
+    """scikit-learn's bundled 8x8 digits (1797 images, offline) at `size` x `size` (a power of two; 8 native,
+    bilinear upsampling above), 1 channel in [-1, 1], cond = class label (10 classes). Train/val split: a permutation
+    drawn from `seed`, the last `val_fraction` to validation."""
+
+    name = "digits"
+    cond_kind = "class"
+    num_classes = 10
+
+    def __init__(self, size: int = 16, val_fraction: float = 0.1, batch_size: int = 128, num_workers: int = 0,
+                 seed: int = 0, val_batch_size: int | None = None, drop_last: bool = False):
+        super().__init__(batch_size, num_workers, seed, val_batch_size, drop_last)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 4 or size & (size - 1):
+            raise ValueError(f"digits: size must be a power of two >= 4 (8 keeps the native 8x8), got {size!r}")
+        self.size = size
+        self.val_fraction = self._check_fraction(val_fraction, self.name)
+        self.event_shape = (1, size, size)
+
+    def _build(self) -> None:
+        x, y = load_digits(self.size)
+        tr, va = _split(len(x), self.val_fraction, self.seed)
+        self.train_set, self.val_set = ArrayDataset(x[tr], y[tr]), ArrayDataset(x[va], y[va])
+        self._sigma_data = _pooled_std(x[tr])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# cifar10
+
+
+class CIFAR10DataModule(_InMemoryDataModule):
+    """CIFAR-10 from the python-pickle batches in a local folder `root` (`root/cifar-10-batches-py/` or `root`):
+    train = data_batch_1..5, val = test_batch; images `[3, 32, 32]` in [-1, 1] (kept as uint8 until batching),
+    cond = class label (10 classes). Nothing is downloaded; a missing file raises FileNotFoundError at construction."""
+
+    name = "cifar10"
+    cond_kind = "class"
+    num_classes = 10
+    event_shape = (3, 32, 32)
+
+    def __init__(self, root: str | None = None, batch_size: int = 128, num_workers: int = 0, seed: int = 0,
+                 val_batch_size: int | None = None, drop_last: bool = False):
+        super().__init__(batch_size, num_workers, seed, val_batch_size, drop_last)
+        if root is None or str(root) == "":
+            raise ValueError("cifar10: root is required: the folder holding cifar-10-batches-py/ (or its files)")
+        self.root = str(root)
+        self.folder = resolve_cifar10_dir(self.root)  # fails early with the expected files and the URL
+        self.class_names: list[str] | None = None
+
+    def _build(self) -> None:
+        x, y, self.class_names = load_cifar10(self.folder, train=True)
+        xv, yv, _ = load_cifar10(self.folder, train=False)
+        self.train_set = ArrayDataset(x, y, transform=uint8_to_unit)
+        self.val_set = ArrayDataset(xv, yv, transform=uint8_to_unit)
+        # exact pooled std of x / 127.5 - 1 from a histogram of the uint8 values (no float copy of the data)
+        hist = torch.zeros(256, dtype=torch.float64)
+        flat = x.reshape(-1)
+        for i in range(0, flat.numel(), 1 << 24):
+            hist += torch.bincount(flat[i:i + (1 << 24)].to(torch.int64), minlength=256).to(torch.float64)
+        v = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+        n = hist.sum()
+        mean = (hist * v).sum() / n
+        self._sigma_data = float(((hist * (v - mean) ** 2).sum() / (n - 1)).sqrt())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# registry
+
+
+DATAMODULES: dict[str, type[_InMemoryDataModule]] = {
+    "toy2d": Toy2DDataModule,
+    "shapes": ShapesDataModule,
+    "digits": DigitsDataModule,
+    "cifar10": CIFAR10DataModule,
+}
+
+
+def _accepted_kwargs(cls) -> list[str]:
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def build_datamodule(name: str, **kwargs: Any) -> _InMemoryDataModule:
+    """Build the datamodule registered as `name`; an unknown name or keyword lists what is available."""
+    if name not in DATAMODULES:
+        raise KeyError(f"unknown datamodule {name!r}; available: {', '.join(sorted(DATAMODULES))}")
+    cls = DATAMODULES[name]
+    accepted = _accepted_kwargs(cls)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"datamodule {name!r} got unexpected argument(s) {', '.join(unknown)}; "
+                        f"it accepts: {', '.join(accepted)}")
+    return cls(**kwargs)

@@ -1,0 +1,188 @@
+"""Energy students: conservative denoisers D_theta(x, sigma) = x - sigma^2 grad_x E_theta(x, sigma) (DESIGN.md section 3).
+
+Energy preconditioning (mirrors EDM's c_skip / c_out / c_in; Karras et al. 2022 table 1), with sd = sigma_data:
+
+    c_in = 1/sqrt(sigma^2+sd^2),   c_out = sigma sd/sqrt(sigma^2+sd^2),   c_skip = sd^2/(sigma^2+sd^2)
+    E_theta(x, sigma) = |x|^2 / (2 (sigma^2 + sd^2)) + (sd / sigma) * g_theta(c_in x, c_noise(sigma))
+
+so that D_theta = c_skip x - c_out grad_u g_theta(u) at u = c_in x: the Gaussian term is EDM's skip connection and
+-grad_u g plays the role of EDM's network output F. With g = 0 the student is exactly the optimal denoiser of
+N(0, sd^2 I), D = c_skip x, at every sigma.
+
+Scalar heads g over an x-shaped network f_theta(u, c_noise, cond) (Du et al. 2023 appendix E; Salimans & Ho 2021):
+    l2      g = 1/2 |f(u)|^2                       (bounded below: E cannot run off to -inf)
+    ip      g = -<u, f(u)>                          (inner product)
+    dae     g = 1/2 |u - f(u)|^2 - 1/2 |u|^2        (Salimans & Ho's DAE energy; its |u|^2/2 is the Gaussian term)
+    scalar  g = <w, pool(f(u))>                     (a scalar head on the backbone: spatial sum per channel, linear)
+`l2` is quadratic in f, so a zero-initialised output layer would be a saddle with zero gradient: its output layer
+starts small instead (`l2_init_scale`). The others start at g = 0 exactly.
+
+The score -grad_x E is an autograd gradient of a scalar (conservative: its Jacobian is the symmetric -Hessian of E).
+The graph of that gradient is kept (create_graph) only when the module is training and grad mode is on, which is
+what distillation needs (the loss differentiates the score w.r.t. theta); sampling gets detached outputs.
+The student satisfies the `Denoiser` and `EnergyModel` protocols (fkdiff.protocols), so anything that takes a
+teacher takes a student.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fkdiff.diffusion import append_dims, as_sigma, check_batch, edm_precond
+from fkdiff.nets import build_backbone
+
+__all__ = ["G_KINDS", "EnergyStudent", "build_student", "warm_start_from"]
+
+G_KINDS = ("l2", "ip", "dae", "scalar")
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product over event dims. `[B, *event] x [B, *event] -> [B]`."""
+    return (a * b).flatten(1).sum(1)
+
+
+class EnergyStudent(nn.Module):
+    """E_theta(x, sigma, cond) with the energy preconditioning of DESIGN.md section 3.
+
+    Args:
+        backbone: x-shaped network `f(u [B, *event], c_noise [B], cond) -> [B, *event]` (fkdiff.nets).
+        event_shape: shape of one sample, e.g. `(2,)` or `(3, 16, 16)`.
+        sigma_data: sd in the preconditioning (the data's per-coordinate standard deviation).
+        g: one of `G_KINDS`.
+        config: the keyword arguments of `build_student` that rebuilt this student (stored in checkpoints).
+    """
+
+    def __init__(self, backbone: nn.Module, event_shape, sigma_data: float, g: str = "l2", *,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, l2_init_scale: float = 0.1,
+                 config: Mapping[str, Any] | None = None):
+        super().__init__()
+        if g not in G_KINDS:
+            raise ValueError(f"unknown energy head g={g!r}; choose one of {', '.join(G_KINDS)}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.f = backbone
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.sigma_data, self.g_kind = float(sigma_data), g
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.config = dict(config) if config is not None else None
+        if g == "scalar":
+            channels = self.event_shape[0]  # d for vectors, C for images
+            self.head = nn.Linear(channels, 1, bias=False)
+            nn.init.constant_(self.head.weight, 1.0 / math.sqrt(channels))
+        if g == "l2":
+            out = _output_layer(backbone)
+            if out is not None and not out.weight.abs().sum() > 0:
+                # a zero output layer is a saddle of any loss of grad(1/2|f|^2): start small, not at zero
+                nn.init.normal_(out.weight, std=l2_init_scale / math.sqrt(out.weight[0].numel()))
+
+    # -- the scalar g_theta(u) ----------------------------------------------------------------
+    def g(self, u: Tensor, c_noise: Tensor, cond: Any = None) -> Tensor:
+        """g_theta(u, c_noise, cond). `u [B, *event] -> [B]`."""
+        f = self.f(u, c_noise, cond)
+        if self.g_kind == "l2":
+            return 0.5 * f.flatten(1).pow(2).sum(1)
+        if self.g_kind == "ip":
+            return -_dot(u, f)
+        if self.g_kind == "dae":
+            return 0.5 * f.flatten(1).pow(2).sum(1) - _dot(u, f)  # = 1/2|u - f|^2 - 1/2|u|^2
+        pooled = f.flatten(2).sum(2) if f.ndim > 2 else f  # [B, C]: spatial sum per channel
+        return self.head(pooled)[:, 0]
+
+    # -- energy, score, denoiser -----------------------------------------------------------------
+    def _cast(self, x: Tensor) -> Tensor:
+        p = next(self.parameters())
+        return x.to(device=p.device, dtype=p.dtype)
+
+    def energy(self, x: Tensor, sigma: float | Tensor, cond: Any = None) -> Tensor:
+        """E_theta(x, sigma) `[B]` for x `[B, *event]` (p_sigma ∝ exp(-E)); sigma a float or `[B]`."""
+        check_batch(x, len(self.event_shape))
+        xd = self._cast(x)
+        s = as_sigma(sigma, xd)
+        sd = self.sigma_data
+        pc = edm_precond(s, sd)
+        gauss = 0.5 * xd.flatten(1).pow(2).sum(1) / (s**2 + sd**2)
+        e = gauss + (sd / s) * self.g(append_dims(pc.c_in, xd.ndim) * xd, pc.c_noise, cond)
+        return e.to(x.dtype)
+
+    def energy_and_grad(self, x: Tensor, sigma: float | Tensor, cond: Any = None,
+                        create_graph: bool | None = None) -> tuple[Tensor, Tensor]:
+        """(E `[B]`, grad_x E `[B, *event]`). Graph kept iff `create_graph` (default: training and grad enabled)."""
+        if create_graph is None:
+            create_graph = self.training and torch.is_grad_enabled()
+        with torch.enable_grad():
+            xg = x if (x.requires_grad and create_graph) else x.detach().requires_grad_(True)
+            e = self.energy(xg, sigma, cond)
+            (grad,) = torch.autograd.grad(e.sum(), xg, create_graph=create_graph)
+        if not create_graph:
+            e, grad = e.detach(), grad.detach()
+        return e, grad
+
+    def score(self, x: Tensor, sigma: float | Tensor, cond: Any = None, create_graph: bool | None = None) -> Tensor:
+        """-grad_x E_theta(x, sigma). `[B, *event]`."""
+        return -self.energy_and_grad(x, sigma, cond, create_graph)[1]
+
+    def forward(self, x: Tensor, sigma: float | Tensor, cond: Any = None, create_graph: bool | None = None) -> Tensor:
+        """Denoiser D_theta(x, sigma) = x - sigma^2 grad_x E = c_skip x - c_out grad_u g. `[B, *event]`."""
+        _, grad = self.energy_and_grad(x, sigma, cond, create_graph)
+        s = append_dims(as_sigma(sigma, grad), grad.ndim)
+        return x - s**2 * grad
+
+    def extra_repr(self) -> str:
+        return f"g={self.g_kind}, event_shape={self.event_shape}, sigma_data={self.sigma_data:.4g}"
+
+
+def _output_layer(backbone: nn.Module) -> nn.Module | None:
+    """The backbone's last linear/conv layer (fkdiff.nets zero-initialises it), or None if not found."""
+    out = getattr(backbone, "out", None)
+    if isinstance(out, nn.Sequential):
+        out = out[-1]
+    return out if isinstance(out, (nn.Linear, nn.Conv2d)) else None
+
+
+def build_student(event_shape, sigma_data: float, g: str = "l2", *, backbone: Mapping[str, Any] | None = None,
+                  cond_kind: str = "none", num_classes: int | None = None, cond_dim: int | None = None,
+                  sigma_min: float = 0.002, sigma_max: float = 80.0, l2_init_scale: float = 0.1) -> EnergyStudent:
+    """An `EnergyStudent` over `fkdiff.nets.build_backbone(event_shape, **backbone)` (MLP for (d,), UNet for (C,H,W)).
+
+    Every argument is plain data, stored in `student.config`, so `build_student(**student.config)` rebuilds it.
+    """
+    config = dict(event_shape=[int(s) for s in event_shape], sigma_data=float(sigma_data), g=g,
+                  backbone=dict(backbone or {}), cond_kind=cond_kind, num_classes=num_classes, cond_dim=cond_dim,
+                  sigma_min=float(sigma_min), sigma_max=float(sigma_max), l2_init_scale=float(l2_init_scale))
+    net = build_backbone(tuple(event_shape), cond_kind=cond_kind, num_classes=num_classes, cond_dim=cond_dim,
+                         **dict(backbone or {}))
+    return EnergyStudent(net, event_shape, sigma_data, g, sigma_min=sigma_min, sigma_max=sigma_max,
+                         l2_init_scale=l2_init_scale, config=config)
+
+
+def warm_start_from(student: EnergyStudent, teacher: Any, strict: bool = False) -> bool:
+    """Copy the teacher's backbone weights into the student's f_theta when the architectures match.
+
+    The teacher's backbone is looked up as `teacher.net`, `teacher.backbone` or `teacher.model` (an nn.Module).
+    Returns True if copied. With `strict`, a missing or mismatching backbone raises ValueError; otherwise False.
+    """
+    src = None
+    for name in ("net", "backbone", "model"):
+        cand = getattr(teacher, name, None)
+        if isinstance(cand, nn.Module):
+            src = cand
+            break
+    if src is None:
+        if strict:
+            raise ValueError(f"warm start: teacher {type(teacher).__name__} exposes no backbone (.net/.backbone/.model)")
+        return False
+    theirs, ours = src.state_dict(), student.f.state_dict()
+    mismatch = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+    extra = [k for k in theirs if k not in ours]
+    if mismatch or extra:
+        if strict:
+            raise ValueError(f"warm start: teacher and student backbones differ ({len(mismatch)} missing/mismatched, "
+                             f"{len(extra)} extra keys, e.g. {(mismatch + extra)[:3]})")
+        return False
+    student.f.load_state_dict(copy.deepcopy(theirs))
+    return True

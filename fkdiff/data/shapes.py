@@ -195,6 +195,28 @@ def centre_map(images: Tensor, radius: int | None = None, ring_fraction: float =
     return core_ok & ring_ok
 
 
+def _lookup(cmap: Tensor, positions: Tensor, tol: int) -> Tensor:
+    """cmap `[B, H, W]` bool, positions `[B, M, 2]` -> bool `[B, M]`: a centre within `tol` px of each position."""
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0 pixels, got {tol}")
+    b, h, w = cmap.shape
+    m = positions.shape[1]
+    nan = positions.isnan().any(-1)
+    pos = positions.nan_to_num(0.0).to(torch.float32).clamp(-2, 2)
+    row = torch.round(((pos[..., 1] + 1) * h - 1) / 2).long()  # nearest pixel; inverse of pixel_to_position
+    col = torch.round(((pos[..., 0] + 1) * w - 1) / 2).long()
+    padded = F.pad(cmap, (tol, tol, tol, tol))  # [B, H + 2 tol, W + 2 tol]; padded index = index + tol
+    off = torch.arange(2 * tol + 1)
+    ri = row[..., None] + off  # [B, M, 2 tol + 1]: padded rows of row - tol .. row + tol
+    ci = col[..., None] + off
+    ok_r = (ri >= 0) & (ri < h + 2 * tol)
+    ok_c = (ci >= 0) & (ci < w + 2 * tol)
+    win = padded[torch.arange(b)[:, None, None, None], ri.clamp(0, h + 2 * tol - 1)[..., :, None],
+                 ci.clamp(0, w + 2 * tol - 1)[..., None, :]]  # [B, M, 2 tol + 1, 2 tol + 1]
+    win = win & ok_r[..., :, None] & ok_c[..., None, :]
+    return win.reshape(b, m, -1).any(-1) & ~nan
+
+
 def detect(images: Tensor, positions: Tensor, tol: int = 1, radius: int | None = None,
            ring_fraction: float = 0.5) -> Tensor:
     """Whether an object sits at each requested position: images `[B, 3, H, W]`, positions `[B, 2]` -> bool `[B]`.
@@ -205,38 +227,21 @@ def detect(images: Tensor, positions: Tensor, tol: int = 1, radius: int | None =
     if not isinstance(positions, Tensor) or positions.ndim != 2 or positions.shape[1] != 2:
         raise ValueError(f"positions must be a [B, 2] tensor of (x, y) in [-1, 1], got {getattr(positions, 'shape', type(positions))}")
     cmap = centre_map(images, radius, ring_fraction)
-    b, h, w = cmap.shape
-    if positions.shape[0] != b:
-        raise ValueError(f"images and positions disagree on the batch size: {b} vs {positions.shape[0]}")
-    if tol < 0:
-        raise ValueError(f"tol must be >= 0 pixels, got {tol}")
-    nan = positions.isnan().any(1)
-    pos = positions.nan_to_num(0.0).to(torch.float32).clamp(-2, 2)
-    row = torch.round(((pos[:, 1] + 1) * h - 1) / 2).long()  # nearest pixel; inverse of pixel_to_position
-    col = torch.round(((pos[:, 0] + 1) * w - 1) / 2).long()
-    padded = F.pad(cmap, (tol, tol, tol, tol))  # [B, H + 2 tol, W + 2 tol]; padded index = index + tol
-    off = torch.arange(2 * tol + 1)
-    ri = row[:, None] + off[None]  # padded rows of row - tol .. row + tol
-    ci = col[:, None] + off[None]
-    ok_r = (ri >= 0) & (ri < h + 2 * tol)
-    ok_c = (ci >= 0) & (ci < w + 2 * tol)
-    win = padded[torch.arange(b)[:, None, None], ri.clamp(0, h + 2 * tol - 1)[:, :, None],
-                 ci.clamp(0, w + 2 * tol - 1)[:, None, :]]
-    win = win & ok_r[:, :, None] & ok_c[:, None, :]
-    return win.flatten(1).any(1) & ~nan
+    if positions.shape[0] != cmap.shape[0]:
+        raise ValueError(f"images and positions disagree on the batch size: {cmap.shape[0]} vs {positions.shape[0]}")
+    return _lookup(cmap, positions[:, None], tol)[:, 0]
 
 
-def detect_all(images: Tensor, positions: Tensor, tol: int = 1, **kw) -> Tensor:
+def detect_all(images: Tensor, positions: Tensor, tol: int = 1, radius: int | None = None,
+               ring_fraction: float = 0.5) -> Tensor:
     """Bool `[B]`: every requested position in `positions` `[B, M, 2]` holds an object (NaN rows are ignored)."""
     if not isinstance(positions, Tensor) or positions.ndim != 3 or positions.shape[2] != 2:
         raise ValueError(f"positions must be a [B, M, 2] tensor, got {getattr(positions, 'shape', type(positions))}")
-    b, m, _ = positions.shape
-    if images.shape[0] != b:
-        raise ValueError(f"images and positions disagree on the batch size: {images.shape[0]} vs {b}")
+    cmap = centre_map(images, radius, ring_fraction)
+    if positions.shape[0] != cmap.shape[0]:
+        raise ValueError(f"images and positions disagree on the batch size: {cmap.shape[0]} vs {positions.shape[0]}")
     req = ~positions.isnan().any(-1)  # [B, M]
-    imgs = images[:, None].expand(b, m, *images.shape[1:]).reshape(b * m, *images.shape[1:])
-    hit = detect(imgs, positions.reshape(b * m, 2), tol=tol, **kw).reshape(b, m)
-    return (hit | ~req).all(1)
+    return (_lookup(cmap, positions, tol) | ~req).all(1)
 
 
 def composition_accuracy(images: Tensor, positions: Tensor, tol: int = 1, **kw) -> float:

@@ -1,0 +1,386 @@
+"""Datamodules (toy2d, shapes, digits, cifar10), the registry, the seeded train order, and the shapes detector."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fkdiff.data import DATAMODULES, build_datamodule
+from fkdiff.data import shapes as S
+from fkdiff.data.modules import SeededShuffleSampler
+from fkdiff.data.sources import CIFAR10_URL
+
+
+def _first(dm, split="train"):
+    return next(iter(dm.train_dataloader() if split == "train" else dm.val_dataloader()))
+
+
+def _check_contract(dm):
+    for split in ("train", "val"):
+        b = _first(dm, split)
+        assert b["x"].dtype == torch.float32
+        assert tuple(b["x"].shape[1:]) == dm.event_shape
+        if dm.cond_kind == "none":
+            assert "cond" not in b
+        elif dm.cond_kind == "class":
+            assert b["cond"].dtype == torch.long and b["cond"].shape == b["x"].shape[:1]
+            assert 0 <= b["cond"].min() and b["cond"].max() < dm.num_classes
+        else:
+            assert b["cond"].dtype == torch.float32 and b["cond"].shape == (b["x"].shape[0], dm.cond_dim)
+    assert isinstance(dm.sigma_data, float) and dm.sigma_data > 0
+
+
+# ------------------------------------------------------------------------------------------------ registry, contract
+
+
+def test_registry_and_bad_arguments():
+    assert set(DATAMODULES) == {"toy2d", "shapes", "digits", "cifar10"}
+    with pytest.raises(KeyError, match="available: cifar10, digits, shapes, toy2d"):
+        build_datamodule("mnist")
+    with pytest.raises(TypeError, match="unexpected argument.*bogus.*accepts:.*preset"):
+        build_datamodule("toy2d", bogus=1)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        build_datamodule("toy2d", batch_size=0)
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        build_datamodule("digits", val_fraction=1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        build_datamodule("digits", size=12)
+    with pytest.raises(ValueError, match="power of two"):
+        build_datamodule("shapes", canvas=20)
+    with pytest.raises(KeyError, match="unknown 2D preset"):
+        build_datamodule("toy2d", preset="nope")
+    with pytest.raises(TypeError, match="preset must be"):
+        build_datamodule("toy2d", preset=3)
+
+
+def test_seeded_order_is_pure_function_of_seed_and_epoch():
+    s = SeededShuffleSampler(100, seed=3)
+    s.set_epoch(2)
+    e2 = list(s)
+    assert sorted(e2) == list(range(100))
+    s.set_epoch(0)
+    e0 = list(s)
+    assert e0 != e2 and e0 == list(SeededShuffleSampler(100, seed=3))  # fresh sampler, epoch 0
+    s.set_epoch(2)
+    assert list(s) == e2  # same epoch again, whatever was iterated in between
+    assert list(SeededShuffleSampler(100, seed=4)) != e0
+    # the order through the datamodule's loader follows the sampler, and leaves the global RNG alone
+    dm = build_datamodule("toy2d", num_samples=64, batch_size=8, seed=5, val_fraction=0.25)
+    state = torch.random.get_rng_state()
+    dl = dm.train_dataloader()
+    dl.sampler.set_epoch(1)
+    xs = torch.cat([b["x"] for b in dl])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    ref = SeededShuffleSampler(48, seed=5)
+    ref.set_epoch(1)
+    assert torch.equal(xs, dm.train_set.x[list(ref)])
+
+
+def test_ddp_wrapper_shards_the_seeded_order():
+    # what Lightning does under DDP with a custom sampler: DistributedSamplerWrapper, forwarding set_epoch
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    dm = build_datamodule("toy2d", num_samples=40, batch_size=4, seed=1, val_fraction=0.1)
+    sampler = dm.train_dataloader().sampler
+    shards = []
+    for rank in range(2):
+        w = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False)
+        w.set_epoch(3)
+        shards.append(list(w))
+    ref = SeededShuffleSampler(36, seed=1)
+    ref.set_epoch(3)
+    assert sorted(shards[0] + shards[1]) == list(range(36))
+    assert shards[0] == list(ref)[0::2] and shards[1] == list(ref)[1::2]
+
+
+def test_lightning_fit_sees_dict_batches_in_seeded_order(tmp_path):
+    import lightning.pytorch as pl
+
+    dm = build_datamodule("toy2d", num_samples=40, batch_size=9, seed=2, val_fraction=0.1)
+    seen = []
+
+    class Probe(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, i):
+            seen.append((self.current_epoch, batch["x"].clone()))
+            return (self.w * batch["x"].sum()) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(Probe(), datamodule=dm)
+    for epoch in range(2):
+        ref = SeededShuffleSampler(36, seed=2)
+        ref.set_epoch(epoch)
+        got = torch.cat([x for e, x in seen if e == epoch])
+        assert torch.equal(got, dm.train_set.x[list(ref)])
+
+
+# ------------------------------------------------------------------------------------------------ toy2d
+
+
+def test_toy2d_samples_the_teacher():
+    dm = build_datamodule("toy2d", preset="ring8", num_samples=20000, batch_size=256, seed=0)
+    _check_contract(dm)
+    assert dm.event_shape == (2,) and dm.cond_kind == "none" and dm.num_classes is None and dm.cond_dim is None
+    x = torch.cat([dm.train_set.x, dm.val_set.x]).double()
+    assert len(dm.train_set) == 18000 and len(dm.val_set) == 2000
+    # moments of the exact teacher; per-coordinate mean has standard error sqrt(var / n): allow 5 of them
+    mean, cov = dm.teacher.mean(), dm.teacher.covariance()
+    se = (torch.diagonal(cov) / len(x)).sqrt()
+    assert ((x.mean(0) - mean).abs() < 5 * se).all()
+    # every sample lies near a ring mode (std 0.05 -> within 6 std of radius 0.5)
+    assert ((x.norm(dim=1) - 0.5).abs() < 0.3).all()
+    assert math.isclose(dm.sigma_data, float((torch.diagonal(cov).mean()).sqrt()), rel_tol=1e-12)
+    # deterministic from the seed, different across seeds
+    again = build_datamodule("toy2d", preset="ring8", num_samples=20000, seed=0)
+    again.setup()
+    assert torch.equal(again.train_set.x, dm.train_set.x)
+    other = build_datamodule("toy2d", preset="ring8", num_samples=20000, seed=1)
+    other.setup()
+    assert not torch.equal(other.train_set.x, dm.train_set.x)
+
+
+def test_toy2d_accepts_a_teacher_object():
+    from teachers import Box
+
+    box = Box([0.0, -1.0], [2.0, 1.0])
+    dm = build_datamodule("toy2d", preset=box, num_samples=1000, batch_size=100)
+    _check_contract(dm)
+    assert dm.teacher is box
+    x = dm.train_set.x
+    assert box.contains(x.double()).all()
+    # sigma_data = sqrt(mean per-coordinate variance) = sqrt((4/12 + 4/12) / 2)
+    assert math.isclose(dm.sigma_data, math.sqrt(4 / 12), rel_tol=1e-12)
+    with pytest.raises(ValueError, match="preset_kwargs"):
+        build_datamodule("toy2d", preset=box, preset_kwargs={"std": 1.0})
+    dm = build_datamodule("toy2d", preset="ring8", preset_kwargs={"radius": 2.0}, num_samples=100)
+    dm.setup()
+    assert ((dm.train_set.x.norm(dim=1) - 2.0).abs() < 0.5).all()
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+def test_shapes_generation_geometry_and_determinism():
+    g = torch.Generator().manual_seed(0)
+    s = S.generate_shapes(2000, canvas=16, min_objects=1, max_objects=5, generator=g)
+    assert s.images.shape == (2000, 3, 16, 16) and s.images.dtype == torch.float32
+    assert s.images.min() == -1 and s.images.max() == 1
+    # counts cover 1..5 (each has prob 1/5; P(one missing in 2000) is ~1e-193)
+    assert set(s.counts.tolist()) == {1, 2, 3, 4, 5}
+    r = S.default_radius(16)
+    for i in range(200):
+        c = s.centres[i, : s.counts[i]]
+        assert (c >= r).all() and (c <= 15 - r).all()
+        d = (c[:, None] - c[None]).abs().amax(-1) + 100 * torch.eye(len(c), dtype=torch.long)
+        assert (d >= 2 * r + 2).all()  # separation: no overlap, no contact
+    # foreground pixel count equals the sum of footprints (objects do not overlap): square 9, plus 5 at r=1
+    fg = (s.images.amax(1) > 0).sum((1, 2))
+    expect = ((s.kinds == 0) * 9 + (s.kinds == 1) * 5).sum(1)
+    assert torch.equal(fg, expect)
+    # positions are the normalised pixel centres and round-trip
+    ok = ~s.positions.isnan().any(-1)
+    assert torch.allclose(S.position_to_pixel(s.positions[ok], 16), s.centres[ok].float())
+    assert s.positions[ok].abs().max() < 1
+    s2 = S.generate_shapes(2000, canvas=16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(s2.images, s.images) and torch.equal(s2.centres, s.centres)
+    s3 = S.generate_shapes(2000, canvas=16, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(s3.images, s.images)
+    with pytest.raises(ValueError, match="could not place"):
+        S.generate_shapes(1, canvas=16, min_objects=5, max_objects=5, min_separation=12,
+                          generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="min_objects"):
+        S.generate_shapes(1, canvas=16, min_objects=3, max_objects=2)
+
+
+@pytest.mark.parametrize("canvas", [16, 32])
+def test_detector_exact_on_clean_data(canvas):
+    s = S.generate_shapes(9600 // canvas, canvas=canvas, generator=torch.Generator().manual_seed(canvas))
+    # 1) the centre map is exactly the set of true centres
+    cmap = S.centre_map(s.images)
+    truth = torch.zeros_like(cmap)
+    ok = s.kinds >= 0
+    n_idx = torch.arange(len(s.counts))[:, None].expand_as(s.kinds)[ok]
+    truth[n_idx, s.centres[ok][:, 0], s.centres[ok][:, 1]] = True
+    assert torch.equal(cmap, truth)
+    # 2) every object of every image is detected at its position (100%)
+    imgs = s.images[n_idx]
+    assert S.detect(imgs, s.positions[ok]).all()
+    # ... also when the requested position is off by up to tol = 1 pixel (sub-pixel and whole-pixel offsets)
+    px = 2.0 / canvas
+    shift = torch.tensor([px, -px])
+    assert S.detect(imgs, s.positions[ok] + shift).all()
+    assert S.detect(imgs, s.positions[ok] + 0.4 * px).all()
+    # 3) composition accuracy over all objects = 1
+    assert S.composition_accuracy(s.images, s.positions) == 1.0
+    # 4) empty canvases: 0%
+    empty = -torch.ones(len(n_idx), 3, canvas, canvas)
+    assert not S.detect(empty, s.positions[ok]).any()
+    assert S.composition_accuracy(-torch.ones_like(s.images), s.positions) == 0.0
+    # 5) positions with no object within tol: 0% (all pixel centres farther than 1 pixel from every object centre)
+    g = torch.Generator().manual_seed(7)
+    rc = torch.randint(0, canvas, (len(s.counts), 2), generator=g)
+    cheb = (rc[:, None] - s.centres).abs().amax(-1).masked_fill(~ok, 10**6).amin(1)
+    far = cheb > 1
+    assert far.sum() > len(far) // 2
+    assert not S.detect(s.images[far], S.pixel_to_position(rc[far], canvas)).any()
+    # ... and exactly 2 pixels away from a real object (the nearest miss): also rejected
+    two = s.positions[ok] + torch.tensor([2 * px, 0.0])
+    inside = two[:, 0] < 1
+    near_other = (S.position_to_pixel(two, canvas).round().long()[:, None] - s.centres[n_idx]).abs().amax(-1)
+    near_other = near_other.masked_fill(~ok[n_idx], 10**6).amin(1) <= 1
+    keep = inside & ~near_other
+    assert keep.sum() > len(keep) // 10
+    assert not S.detect(imgs[keep], two[keep]).any()
+    # NaN positions are ignored by composition accuracy but never detected
+    assert not S.detect(imgs[:3], torch.full((3, 2), float("nan"))).any()
+
+
+def test_detector_rejects_blobs_and_bad_input():
+    # a canvas filled with colour has a full core everywhere but no background ring: no object
+    full = torch.ones(2, 3, 16, 16)
+    assert not S.detect(full, torch.zeros(2, 2)).any()
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        S.detect(torch.zeros(2, 1, 16, 16), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"\[B, 2\]"):
+        S.detect(torch.zeros(2, 3, 16, 16), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="batch size"):
+        S.detect(torch.zeros(2, 3, 16, 16), torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="floating point"):
+        S.detect(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.zeros(2, 2))
+
+
+def test_shapes_datamodule():
+    dm = build_datamodule("shapes", num_samples=300, batch_size=64, seed=3, val_fraction=0.2)
+    _check_contract(dm)
+    assert dm.event_shape == (3, 16, 16) and dm.cond_kind == "position" and dm.cond_dim == 2
+    assert dm.num_train_images == 240
+    # one example per (image, object) pair
+    assert len(dm.train_set) == int(dm.scenes.counts[:240].sum())
+    assert len(dm.val_set) == int(dm.scenes.counts[240:].sum())
+    # every example's cond is an object of its image: the detector finds it
+    b = next(iter(dm.train_dataloader()))
+    assert S.detect(b["x"], b["cond"]).all()
+    assert b["cond"].abs().max() < 1
+    # every (image, object) pair appears exactly once per epoch
+    pairs = {(int(r), tuple(c.tolist())) for r, c in zip(dm.train_set.rows, dm.train_set.cond)}
+    assert len(pairs) == len(dm.train_set)
+    sd = float(dm.scenes.images[:240].double().std())
+    assert math.isclose(dm.sigma_data, sd, rel_tol=1e-12)
+    dm32 = build_datamodule("shapes", canvas=32, num_samples=50, batch_size=16)
+    _check_contract(dm32)
+    b = next(iter(dm32.train_dataloader()))
+    assert b["x"].shape[1:] == (3, 32, 32) and S.detect(b["x"], b["cond"]).all()
+
+
+# ------------------------------------------------------------------------------------------------ digits
+
+
+def test_digits():
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    dm = build_datamodule("digits", batch_size=64, seed=0)
+    _check_contract(dm)
+    assert dm.event_shape == (1, 16, 16) and dm.cond_kind == "class" and dm.num_classes == 10
+    assert len(dm.train_set) + len(dm.val_set) == 1797 and len(dm.val_set) == round(0.1 * 1797)
+    x = torch.cat([dm.train_set.x, dm.val_set.x])
+    assert x.min() >= -1 and x.max() <= 1 and x.min() == -1 and x.max() == 1
+    # native size keeps the images exactly (v / 8 - 1), and the labels travel with them
+    dm8 = build_datamodule("digits", size=8, seed=0)
+    dm8.setup()
+    ref = torch.as_tensor(raw.images, dtype=torch.float32) / 8 - 1
+    y = torch.as_tensor(raw.target)
+    for ds in (dm8.train_set, dm8.val_set):
+        match = (ds.x[:, 0, None] == ref[None]).flatten(2).all(2)  # [n, 1797]
+        assert match.any(1).all()
+        assert torch.equal(y[match.float().argmax(1)], ds.cond)
+    # 16x16 is bilinear x2 (align_corners=False): output 2i = x[i-1]/4 + 3x[i]/4, 2i+1 = 3x[i]/4 + x[i+1]/4 (edges
+    # clamped), so 2x2 average pooling gives back the native image blurred by [1/8, 3/4, 1/8] per axis, exactly
+    dm.setup()
+    pooled = torch.nn.functional.avg_pool2d(dm.train_set.x, 2)
+    k = torch.tensor([0.125, 0.75, 0.125])
+    native = torch.nn.functional.pad(dm8.train_set.x, (1, 1, 1, 1), mode="replicate")
+    blurred = torch.nn.functional.conv2d(native, torch.outer(k, k)[None, None])
+    assert torch.allclose(pooled, blurred, atol=1e-6)
+    # deterministic split from the seed; another seed splits differently; disjoint train/val
+    again = build_datamodule("digits", seed=0)
+    again.setup()
+    assert torch.equal(again.val_set.x, dm.val_set.x)
+    other = build_datamodule("digits", seed=1)
+    other.setup()
+    assert not torch.equal(other.val_set.x, dm.val_set.x)
+    assert math.isclose(dm.sigma_data, float(dm.train_set.x.double().std()), rel_tol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ cifar10
+
+
+def _write_cifar(folder, n_per_batch=6, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, n_per_batch).tolist(),
+             b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+             b"filenames": [f"{name}_{i}.png".encode() for i in range(n_per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+        batches[name] = d
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": n_per_batch, b"num_vis": 3072}, f)
+    return batches
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_cifar10_reads_synthetic_pickles(tmp_path, nested):
+    folder = tmp_path / "cifar-10-batches-py" if nested else tmp_path
+    batches = _write_cifar(folder)
+    dm = build_datamodule("cifar10", root=str(tmp_path), batch_size=7)
+    _check_contract(dm)
+    assert dm.event_shape == (3, 32, 32) and dm.num_classes == 10 and dm.cond_kind == "class"
+    assert len(dm.train_set) == 30 and len(dm.val_set) == 6
+    assert dm.class_names[0] == "airplane" and len(dm.class_names) == 10
+    # exact decoding: row-major [3, 32, 32] (channel planes), x / 127.5 - 1, labels in order
+    raw = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
+    lab = sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
+    b = dm.train_set.__getitems__(list(range(30)))
+    ref = torch.as_tensor(raw.reshape(30, 3, 32, 32), dtype=torch.float32) / 127.5 - 1
+    assert torch.equal(b["x"], ref) and b["cond"].tolist() == lab
+    v = next(iter(dm.val_dataloader()))  # val = test_batch, in order
+    assert torch.equal(v["x"], torch.as_tensor(batches["test_batch"][b"data"].reshape(6, 3, 32, 32)).float() / 127.5 - 1)
+    exact = torch.as_tensor(raw, dtype=torch.float64) / 127.5 - 1  # the histogram computes in float64
+    assert math.isclose(dm.sigma_data, float(exact.std()), rel_tol=1e-12)
+
+
+def test_cifar10_missing_files_error(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        build_datamodule("cifar10", root=str(tmp_path / "nowhere"))
+    msg = str(e.value)
+    assert "data_batch_1" in msg and "test_batch" in msg and "batches.meta" in msg
+    assert CIFAR10_URL in msg and str(tmp_path / "nowhere") in msg
+    _write_cifar(tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="missing data_batch_3 in .*cifar-10-batches-py"):
+        build_datamodule("cifar10", root=str(tmp_path))
+    with pytest.raises(ValueError, match="root is required"):
+        build_datamodule("cifar10")
+    # a file in the wrong format says so
+    bad = tmp_path / "bad"
+    _write_cifar(bad)
+    with open(bad / "data_batch_1", "wb") as f:
+        pickle.dump({b"wrong": 1}, f)
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        build_datamodule("cifar10", root=str(bad)).setup()

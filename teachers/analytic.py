@@ -206,6 +206,20 @@ def gmm_product(a: GaussianMixture, b: GaussianMixture, sigma: float = 0.0) -> t
     return r, float(log_z)
 
 
+def _log_ndtr_ratio(lo: Tensor, hi: Tensor) -> Tensor:
+    """log Phi(lo) - log Phi(hi) for lo <= hi, without subtracting two huge logs in the lower tail.
+
+    With Phi(t) = erfcx(-t/sqrt 2) exp(-t^2/2) / 2, for hi < 0 the difference is
+    -(lo - hi)(lo + hi)/2 + log erfcx(-lo/sqrt 2) - log erfcx(-hi/sqrt 2), every term of moderate size.
+    """
+    neg = hi < 0
+    r2 = math.sqrt(2)
+    lo_n, hi_n = torch.where(neg, lo, -1.0), torch.where(neg, hi, -1.0)  # keep erfcx away from overflow
+    tail = -0.5 * (lo_n - hi_n) * (lo_n + hi_n) + torch.special.erfcx(-lo_n / r2).log() - torch.special.erfcx(
+        -hi_n / r2).log()
+    return torch.where(neg, tail, torch.special.log_ndtr(lo) - torch.special.log_ndtr(hi))
+
+
 def _log_ndtr_diff(a: Tensor, b: Tensor) -> Tensor:
     """log(Phi(b) - Phi(a)) for a < b elementwise, stable in both tails.
 
@@ -215,8 +229,7 @@ def _log_ndtr_diff(a: Tensor, b: Tensor) -> Tensor:
     flip = (a + b) > 0
     lo = torch.where(flip, -b, a)
     hi = torch.where(flip, -a, b)
-    lhi, llo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
-    return lhi + torch.log(-torch.expm1(llo - lhi))
+    return torch.special.log_ndtr(hi) + torch.log(-torch.expm1(_log_ndtr_ratio(lo, hi)))
 
 
 class Box(_Analytic):
@@ -261,9 +274,16 @@ class Box(_Analytic):
         return _log_ndtr_diff(a, b).sum(-1) - self.log_volume
 
     def _score(self, x: Tensor, s: Tensor) -> Tensor:
-        # d/dx log(Phi(b) - Phi(a)) = (phi(a) - phi(b)) / (sigma (Phi(b) - Phi(a)))
+        # d/dx log(Phi(b) - Phi(a)) = (phi(a) - phi(b)) / (sigma (Phi(b) - Phi(a))). Reflected as in _log_ndtr_diff
+        # (lo < hi, lo + hi <= 0), phi(hi) / Z = m(hi) / (1 - Phi(lo)/Phi(hi)) with the Mills ratio
+        # m(t) = phi(t)/Phi(t) = sqrt(2/pi) / erfcx(-t/sqrt(2)) (no exp of a difference of huge logs), and
+        # phi(lo)/phi(hi) = exp(-(lo - hi)(lo + hi)/2) <= 1. Exact far outside the box: score -> -(x - h)/sigma^2.
         a, b = self._ab(x, s)
-        logz = _log_ndtr_diff(a, b)
-        lphi_a = -0.5 * a**2 - 0.5 * _LOG2PI
-        lphi_b = -0.5 * b**2 - 0.5 * _LOG2PI
-        return ((lphi_a - logz).exp() - (lphi_b - logz).exp()) / s[:, None]
+        flip = (a + b) > 0
+        lo = torch.where(flip, -b, a)
+        hi = torch.where(flip, -a, b)
+        m = math.sqrt(2 / math.pi) / torch.special.erfcx(-hi / math.sqrt(2))
+        phi_hi_over_z = m / -torch.expm1(_log_ndtr_ratio(lo, hi))
+        one_minus_rho = -torch.expm1(-0.5 * (lo - hi) * (lo + hi))  # 1 - phi(lo) / phi(hi), exact near 0
+        sign = torch.where(flip, 1.0, -1.0).to(x.dtype)  # phi(a) - phi(b) = sign * (phi(hi) - phi(lo))
+        return sign * one_minus_rho * phi_hi_over_z / s[:, None]

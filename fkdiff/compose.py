@@ -1,0 +1,213 @@
+"""Composition algebra of energy-based diffusion models at every noise level (DESIGN.md section 6; Du et al. 2023,
+sec. 3, eqs. 8-10 and 13).
+
+| operator                         | energy E(x, sigma)                          | score                               |
+|----------------------------------|---------------------------------------------|-------------------------------------|
+| product(*t)           (eq. 8)    | sum_j E_j                                   | sum_j s_j                           |
+| mixture(*t, weights)  (eq. 9)    | -logsumexp_j (log w_j - E_j)                | sum_j softmax_j(log w_j - E_j) s_j  |
+| negation(b, o, alpha) (eq. 10)   | E_b - alpha E_o                             | s_b - alpha s_o                     |
+| tempered(t, beta)                | beta E                                      | beta s                              |
+| conditional(u, conds, w) (eq.13) | E_u + sum_i w_i (E_{c_i} - E_u)             | s_u + sum_i w_i (s_{c_i} - s_u)     |
+
+Each component is anything with `energy(x, sigma) -> [B]` and optionally `score(x, sigma)` (else -grad energy by
+autograd); the result is again such a target (and a denoiser, D = x + sigma^2 score), so operators nest.
+The mixture's score is the exact gradient of its energy, computed from the component scores with softmax weights
+(stable, no autograd); its weights are normalised to sum to one (Du et al. use 1/K), so a mixture of normalised
+components is normalised. Energies keep any autograd graph of the components; scores are detached.
+Components whose energies are only defined up to a constant shift the mixture's relative weights accordingly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from fkdiff.diffusion import as_sigma, denoiser_from_score
+from fkdiff.targets import has_energy
+from fkdiff.targets import score as _score
+
+__all__ = ["Composed", "Product", "Mixture", "Negation", "Tempered", "Conditional",
+           "product", "mixture", "negation", "tempered", "conditional"]
+
+
+def _check_targets(targets: Sequence[Any], op: str) -> list:
+    targets = list(targets)
+    if not targets:
+        raise ValueError(f"{op} needs at least one target")
+    for t in targets:
+        if not (has_energy(t) or callable(getattr(t, "score", None)) or callable(t)):
+            raise TypeError(f"{op}: {type(t).__name__} has neither energy(x, sigma) nor score(x, sigma)")
+    return targets
+
+
+def _energy(t: Any, x: Tensor, sigma: Tensor) -> Tensor:
+    if not has_energy(t):
+        raise TypeError(f"{type(t).__name__} has no energy(x, sigma): this composition's energy is undefined "
+                        "(its score may still be used as a proposal)")
+    e = t.energy(x, sigma)
+    if not isinstance(e, Tensor) or e.shape != (x.shape[0],):
+        raise ValueError(f"{type(t).__name__}.energy must return shape [B]=[{x.shape[0]}]")
+    return e
+
+
+class Composed:
+    """Base class: a target built from components; subclasses define `energy` and `score` (shapes [B] and x's)."""
+
+    components: tuple
+
+    def energy(self, x: Tensor, sigma: float | Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score(self, x: Tensor, sigma: float | Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        """-energy (unnormalised unless the components and the operator preserve normalisation)."""
+        return -self.energy(x, sigma)
+
+    def __call__(self, x: Tensor, sigma: float | Tensor, cond: Any = None) -> Tensor:
+        """Denoiser D(x, sigma) = x + sigma^2 score (Tweedie)."""
+        if cond is not None:
+            raise ValueError(f"{type(self).__name__} takes no cond; compose conditional models with conditional()")
+        return denoiser_from_score(self.score(x, sigma), x, sigma)
+
+
+class Product(Composed):
+    """prod_j p_j: energy sum_j E_j, score sum_j s_j."""
+
+    def __init__(self, *targets):
+        self.components = tuple(_check_targets(targets, "product"))
+
+    def energy(self, x, sigma):
+        s = as_sigma(sigma, x)
+        return sum(_energy(t, x, s) for t in self.components)
+
+    def score(self, x, sigma):
+        s = as_sigma(sigma, x)
+        return sum(_score(t, x, s) for t in self.components)
+
+
+class Mixture(Composed):
+    """sum_j w_j p_j: energy -logsumexp_j(log w_j - E_j); score = softmax-weighted component scores."""
+
+    def __init__(self, *targets, weights=None):
+        self.components = tuple(_check_targets(targets, "mixture"))
+        k = len(self.components)
+        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (k,):
+            raise ValueError(f"mixture weights must have shape [{k}], got {tuple(w.shape)}")
+        if (w < 0).any() or not (w.sum() > 0) or not torch.isfinite(w).all():
+            raise ValueError("mixture weights must be finite, non-negative, with a positive sum")
+        self.weights = w / w.sum()
+        self.log_weights = self.weights.log()
+
+    def _logits(self, x: Tensor, s: Tensor) -> Tensor:
+        e = torch.stack([_energy(t, x, s) for t in self.components], 1)  # [B, K]
+        return self.log_weights.to(device=e.device, dtype=e.dtype)[None] - e
+
+    def energy(self, x, sigma):
+        s = as_sigma(sigma, x)
+        return -torch.logsumexp(self._logits(x, s), 1)
+
+    def score(self, x, sigma):
+        s = as_sigma(sigma, x)
+        with torch.no_grad():
+            r = torch.softmax(self._logits(x, s), 1)  # [B, K] responsibilities
+        r = torch.nan_to_num(r, nan=0.0)
+        out = torch.zeros_like(x)
+        for k, t in enumerate(self.components):
+            rk = r[:, k]
+            nz = rk > 0  # a component with zero responsibility contributes nothing (even if its score is inf)
+            if nz.any():
+                sk = _score(t, x, s)
+                out = out + torch.where(nz.reshape(-1, *([1] * (x.ndim - 1))),
+                                        rk.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * sk, torch.zeros_like(x))
+        return out
+
+
+class Negation(Composed):
+    """p_base / p_other^alpha: energy E_b - alpha E_o, score s_b - alpha s_o (Du et al. eq. 10)."""
+
+    def __init__(self, base, other, alpha: float = 0.5):
+        self.components = tuple(_check_targets([base, other], "negation"))
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        self.alpha = float(alpha)
+
+    def energy(self, x, sigma):
+        s = as_sigma(sigma, x)
+        b, o = self.components
+        return _energy(b, x, s) - self.alpha * _energy(o, x, s)
+
+    def score(self, x, sigma):
+        s = as_sigma(sigma, x)
+        b, o = self.components
+        return _score(b, x, s) - self.alpha * _score(o, x, s)
+
+
+class Tempered(Composed):
+    """p^beta: energy beta E, score beta s."""
+
+    def __init__(self, target, beta: float):
+        self.components = tuple(_check_targets([target], "tempered"))
+        if not (beta > 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be positive and finite, got {beta}")
+        self.beta = float(beta)
+
+    def energy(self, x, sigma):
+        return self.beta * _energy(self.components[0], x, as_sigma(sigma, x))
+
+    def score(self, x, sigma):
+        return self.beta * _score(self.components[0], x, as_sigma(sigma, x))
+
+
+class Conditional(Composed):
+    """Du et al. eq. 13: E(x) + sum_i w_i (E(x | y_i) - E(x)), conditional models given as targets."""
+
+    def __init__(self, uncond, conds: Sequence[Any], weights=None):
+        conds = _check_targets(conds, "conditional")
+        self.uncond = _check_targets([uncond], "conditional")[0]
+        self.conds = tuple(conds)
+        self.components = (self.uncond, *self.conds)
+        w = [1.0] * len(conds) if weights is None else [float(v) for v in weights]
+        if len(w) != len(conds) or not all(math.isfinite(v) for v in w):
+            raise ValueError(f"conditional weights must be {len(conds)} finite numbers, got {weights}")
+        self.weights = tuple(w)
+
+    def energy(self, x, sigma):
+        s = as_sigma(sigma, x)
+        eu = _energy(self.uncond, x, s)
+        return eu + sum(w * (_energy(c, x, s) - eu) for w, c in zip(self.weights, self.conds))
+
+    def score(self, x, sigma):
+        s = as_sigma(sigma, x)
+        su = _score(self.uncond, x, s)
+        return su + sum(w * (_score(c, x, s) - su) for w, c in zip(self.weights, self.conds))
+
+
+def product(*targets) -> Product:
+    """Product of experts prod_j p_j (Du et al. eq. 8)."""
+    return Product(*targets)
+
+
+def mixture(*targets, weights=None) -> Mixture:
+    """Mixture sum_j w_j p_j with weights normalised to one (default uniform; Du et al. eq. 9)."""
+    return Mixture(*targets, weights=weights)
+
+
+def negation(base, other, alpha: float = 0.5) -> Negation:
+    """p_base / p_other^alpha (Du et al. eq. 10, alpha = 0.5 in their experiments)."""
+    return Negation(base, other, alpha)
+
+
+def tempered(target, beta: float) -> Tempered:
+    """p^beta at every noise level (beta > 1: low temperature)."""
+    return Tempered(target, beta)
+
+
+def conditional(uncond, conds: Sequence[Any], weights=None) -> Conditional:
+    """log p(x | y_1..y_c) = log p(x) + sum_i w_i (log p(x | y_i) - log p(x)) (Du et al. eq. 13; w_i = 1 there)."""
+    return Conditional(uncond, conds, weights)

@@ -1,0 +1,338 @@
+"""The SMC engine for any Feynman–Kac model (Chopin & Papaspiliopoulos 2020, alg. 10.3 with adaptive resampling;
+Del Moral, Doucet & Jasra 2006 for the resample-move sampler; DESIGN.md section 5).
+
+One step at level t (`smc_step`, a pure function of the carried `SMCState`):
+
+    propagate   X_t^n ~ M_t(. | X_{t-1}^n)                   (M_0 at t = 0)
+    weight      l_t^n = l_{t-1}^n + log G_t(X_{t-1}^n, X_t^n)   (unnormalised, since the last resampling)
+                log Z_t = log Z_{t-1} + logsumexp(l_t) - logsumexp(l_{t-1})  =  log Z_{t-1} + log sum_n W_{t-1}^n G_t^n
+    resample    if ESS(l_t) < kappa N: A ~ R(W_t), X_t = X_t^A, l_t = 0        (kappa = ess_threshold)
+    move        optionally X_t ~ K_t(X_t, .), an MCMC kernel invariant for pi_t (rejuvenation)
+
+Weights that are not resampled are carried (never overwritten) to the next level, so log Z is the standard
+adaptive-resampling estimator whatever kappa is (kappa = 0: importance sampling on the path space, kappa = 1:
+resampling at every level). A NaN/+inf log G is an invalid particle: its weight becomes zero and it is counted;
+if every weight is zero the engine raises `SMCError` naming the level.
+
+Variance of log Z: the genealogy ("Eve index") estimator of Lee & Whiteley (2018, Biometrika), valid with adaptive
+resampling (Du & Guyader 2021):  Var(Z_hat) / Z_hat^2 ≈ 1 - (N/(N-1))^{m+1} (1 - sum_i S_i^2), with m the number
+of resampling events and S_i the final normalised weight descending from initial particle i; Var(log Z_hat) is
+approximated by the same number (delta method). It degenerates when few initial particles have descendants left
+(`num_eves` small); then it is unreliable (reported, with a warning).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from fkdiff.smc.fk import FeynmanKac, Particles
+from fkdiff.smc.resampling import get_resampler
+from fkdiff.smc.weights import Weights
+
+__all__ = ["SMCError", "SMCDegeneracyWarning", "SMCState", "StepInfo", "SMCResult", "smc_step", "run_smc"]
+
+
+class SMCError(RuntimeError):
+    """The sampler cannot continue (e.g. every particle has weight zero at some level)."""
+
+
+class SMCDegeneracyWarning(UserWarning):
+    """The particle system collapsed (tiny ESS or few unique ancestors): estimates are unreliable."""
+
+
+class SMCState(NamedTuple):
+    """What the engine carries from level to level."""
+
+    particles: Particles | None
+    log_w: Tensor  # [N] float64 unnormalised log-weights since the last resampling
+    log_Z: float
+    eve: Tensor  # [N] int64 index of each particle's level-0 ancestor
+    num_resampled: int
+    mcmc_state: Any
+
+
+class StepInfo(NamedTuple):
+    """Diagnostics of one level."""
+
+    ess: float  # after weighting, before resampling
+    resampled: bool
+    unique_ancestors: int  # distinct ancestors if resampled, else the number of alive particles
+    num_invalid: int  # particles whose incremental weight was NaN/+inf (dropped)
+    num_alive: int
+    log_Z_increment: float
+    acceptance: float  # mean MCMC acceptance probability over particles (NaN without MCMC)
+    step_size: float
+    num_evals: float  # evaluations per particle at this level (propagation + MCMC)
+
+
+def _mcmc_step_size(mstate: Any, info: Any) -> float:
+    for obj, name in ((info, "step_size"), (mstate, "step_size")):
+        v = getattr(obj, name, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return math.nan
+
+
+def smc_step(
+    fk: FeynmanKac,
+    t: int,
+    state: SMCState,
+    *,
+    num_particles: int,
+    generator: torch.Generator | None,
+    resampler,
+    ess_threshold: float,
+    mcmc: Any = None,
+) -> tuple[SMCState, StepInfo]:
+    """One SMC level: M_t (propagate), G_t (weight), R_t (adaptive resampling), then optional MCMC move K_t.
+
+    fk            the Feynman–Kac model (M0 / M / logG, optional mcmc_target)
+    state         carried state (particles None at t = 0)
+    resampler     resample(log_weights [N], num, generator) -> ancestors [num]
+    ess_threshold resample when ESS < ess_threshold * N (>= 1: every level; 0: never)
+    mcmc          kernel(x, logdensity_fn, *, generator, state, logp, grad) -> (x, state, info), or None
+    """
+    n = num_particles
+    prev = state.particles
+    cur = fk.M0(n, generator) if t == 0 else fk.M(t, prev, generator)
+    log_g = fk.logG(t, prev, cur).to(torch.float64)
+    prev_lw = state.log_w
+    # particles already dead stay dead (their log G may be NaN: -inf - -inf); they are not counted again
+    lw = torch.where(prev_lw == -math.inf, prev_lw, prev_lw + log_g)
+    w = Weights(lw)
+    sigma = getattr(fk, "sigmas", None)
+    where = f"level {t}" + (f" (sigma = {float(sigma[t]):.6g})" if sigma is not None else "")
+    if w.all_dead:
+        raise SMCError(
+            f"all {n} particles have zero weight at {where}: {w.num_invalid} had NaN/inf weights or energies, the "
+            "rest had weight zero (e.g. every particle violates a hard constraint)"
+        )
+    log_Z = state.log_Z + w.log_norm - float(torch.logsumexp(prev_lw, 0))
+    particles, eve, num_res = cur, state.eve, state.num_resampled
+    resampled = ess_threshold >= 1.0 or w.ess < ess_threshold * n
+    if resampled:
+        anc = resampler(w.lw, n, generator)
+        particles, eve = cur.index(anc), eve[anc]
+        lw = torch.zeros_like(lw)
+        num_res += 1
+        unique = int(torch.unique(anc).numel())
+    else:
+        unique = w.num_alive
+    acc, step, evals = math.nan, math.nan, float(fk.num_evals(t)) if hasattr(fk, "num_evals") else 1.0
+    mstate = state.mcmc_state
+    if mcmc is not None:
+        target = fk.mcmc_target(t, particles)
+        x_new, mstate, info = mcmc(particles.x, target.logdensity_fn, generator=generator, state=mstate,
+                                   logp=target.logp, grad=target.grad)
+        particles = target.particles_at(x_new.detach())
+        alive = lw > -math.inf
+        a = info.acceptance.detach().double()
+        acc = float(a[alive].mean()) if alive.any() else math.nan
+        step = _mcmc_step_size(mstate, info)
+        evals += float(info.num_evals) + float(getattr(target, "extra_evals", 0.0))
+    new_state = SMCState(particles, lw, log_Z, eve, num_res, mstate)
+    info_t = StepInfo(ess=w.ess, resampled=resampled, unique_ancestors=unique, num_invalid=w.num_invalid,
+                      num_alive=w.num_alive, log_Z_increment=log_Z - state.log_Z, acceptance=acc, step_size=step,
+                      num_evals=evals)
+    return new_state, info_t
+
+
+@dataclass
+class SMCResult:
+    """Output of an SMC run.
+
+    samples           `[N, *shape]` final particles (the returned points, e.g. denoised)
+    log_weights       `[N]` float64 normalised log-weights (logsumexp = 0); -inf for dropped particles
+    log_Z             estimate of log Z (the final target's normaliser, relative to the energies as given)
+    log_Z_var         estimated Var(log Z_hat) (Lee & Whiteley genealogy estimator; see `num_eves`)
+    ess               `[T]` ESS after weighting at each level (before resampling)
+    resampled         `[T]` bool
+    unique_ancestors  `[T]` distinct ancestors at each resampling (alive particles where not resampled)
+    num_invalid       `[T]` particles dropped at each level for NaN/inf weights or energies
+    num_alive         `[T]` particles with positive weight after weighting
+    acceptance        `[T]` mean MCMC acceptance per level, or None without MCMC
+    step_size         `[T]` MCMC step size per level, or None
+    log_Z_increments  `[T]` log sum_n W_{t-1}^n G_t^n
+    sigmas            `[T]` noise levels (if the model has them)
+    nfe               target/proposal evaluations per particle (propagation + MCMC)
+    wall_time         seconds
+    num_eves          distinct level-0 ancestors among the final particles
+    warnings          degeneracy messages (also issued as SMCDegeneracyWarning)
+    """
+
+    samples: Tensor
+    log_weights: Tensor
+    log_Z: float
+    log_Z_var: float
+    ess: Tensor
+    resampled: Tensor
+    unique_ancestors: Tensor
+    num_invalid: Tensor
+    num_alive: Tensor
+    acceptance: Tensor | None
+    step_size: Tensor | None
+    log_Z_increments: Tensor
+    sigmas: Tensor | None
+    nfe: float
+    wall_time: float
+    num_eves: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_particles(self) -> int:
+        return self.samples.shape[0]
+
+    @property
+    def weights(self) -> Tensor:
+        """`[N]` normalised weights."""
+        return self.log_weights.exp()
+
+    @property
+    def min_ess(self) -> float:
+        return float(self.ess.min())
+
+    @property
+    def final_ess(self) -> float:
+        return float(1.0 / (self.weights**2).sum())
+
+    @property
+    def min_unique_ancestors(self) -> int:
+        return int(self.unique_ancestors.min())
+
+    @property
+    def total_invalid(self) -> int:
+        return int(self.num_invalid.sum())
+
+    @property
+    def log_Z_se(self) -> float:
+        return math.sqrt(max(self.log_Z_var, 0.0))
+
+    def log_Z_ci(self, level: float = 0.95) -> tuple[float, float]:
+        """Normal-approximation confidence interval for log Z."""
+        z = math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(level, dtype=torch.float64)))
+        return self.log_Z - z * self.log_Z_se, self.log_Z + z * self.log_Z_se
+
+    def resample(self, generator: torch.Generator | None = None, num: int | None = None,
+                 scheme: str = "systematic") -> Tensor:
+        """Equally weighted samples `[num, *shape]` (default num = N) drawn from the weighted particles."""
+        anc = get_resampler(scheme)(self.log_weights, self.num_particles if num is None else num, generator)
+        return self.samples[anc.to(self.samples.device)]
+
+    def mean(self) -> Tensor:
+        """Weighted mean of the samples `[*shape]` (float64)."""
+        w = self.weights.to(self.samples.device)
+        alive = w > 0
+        return (w[alive, None] * self.samples[alive].double().flatten(1)).sum(0).reshape(self.samples.shape[1:])
+
+    def summary(self) -> dict:
+        """Scalar diagnostics as a plain dict."""
+        return {
+            "log_Z": self.log_Z, "log_Z_se": self.log_Z_se, "min_ess": self.min_ess, "final_ess": self.final_ess,
+            "min_unique_ancestors": self.min_unique_ancestors, "num_resampled": int(self.resampled.sum()),
+            "num_eves": self.num_eves, "total_invalid": self.total_invalid, "nfe": self.nfe,
+            "mean_acceptance": None if self.acceptance is None else float(self.acceptance.nanmean()),
+            "wall_time": self.wall_time,
+        }
+
+
+def _degeneracy_messages(ess: Tensor, unique: Tensor, resampled: Tensor, num_eves: int, n: int,
+                         collapse_fraction: float) -> list[str]:
+    floor = max(2.0, collapse_fraction * n)
+    msgs = []
+    if float(ess.min()) < floor:
+        t = int(torch.argmin(ess))
+        msgs.append(f"ESS collapsed to {float(ess.min()):.1f} of {n} particles at level {t}: weights are degenerate; "
+                    "use more levels, MCMC rejuvenation (e.g. fkdiff.mcmc.HMC) or more particles")
+    if bool(resampled.any()):
+        u = unique[resampled]
+        if float(u.min()) < floor:
+            t = int(torch.nonzero(resampled)[int(torch.argmin(u))])
+            msgs.append(f"only {int(u.min())} unique ancestors of {n} particles survived resampling at level {t}")
+    if num_eves < floor:
+        msgs.append(f"only {num_eves} level-0 ancestors survive: the log Z variance estimate is unreliable")
+    return msgs
+
+
+def run_smc(
+    fk: FeynmanKac,
+    num_particles: int,
+    *,
+    generator: torch.Generator | None = None,
+    resample: str = "systematic",
+    ess_threshold: float = 0.5,
+    mcmc: Any = None,
+    progress: bool = False,
+    collapse_fraction: float = 0.02,
+) -> SMCResult:
+    """Run SMC on any Feynman–Kac model through its T levels and collect the diagnostics (see `SMCResult`).
+
+    Warns (SMCDegeneracyWarning) when the minimum ESS, the unique-ancestor count or the number of surviving level-0
+    ancestors falls below max(2, collapse_fraction * N).
+    """
+    n = int(num_particles)
+    if n < 2:
+        raise ValueError(f"num_particles must be >= 2, got {num_particles}")
+    if not (0.0 <= ess_threshold) or math.isnan(ess_threshold):
+        raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
+    if mcmc is not None and not callable(getattr(fk, "mcmc_target", None)):
+        raise TypeError(f"{type(fk).__name__} has no mcmc_target(t, particles): it does not support MCMC rejuvenation")
+    resampler = get_resampler(resample)
+    t0 = time.perf_counter()
+    device = getattr(fk, "device", None)
+    state = SMCState(
+        particles=None,
+        log_w=torch.zeros(n, dtype=torch.float64, device=device),
+        log_Z=0.0,
+        eve=torch.arange(n, device=device),
+        num_resampled=0,
+        mcmc_state=mcmc.init_state() if mcmc is not None and hasattr(mcmc, "init_state") else None,
+    )
+    levels = range(fk.T)
+    if progress:
+        from tqdm.auto import tqdm
+
+        levels = tqdm(levels, desc="SMC", leave=False)
+    infos: list[StepInfo] = []
+    for t in levels:
+        state, info = smc_step(fk, t, state, num_particles=n, generator=generator, resampler=resampler,
+                               ess_threshold=ess_threshold, mcmc=mcmc)
+        infos.append(info)
+    final = Weights(state.log_w)
+    samples = fk.finalize(state.particles) if hasattr(fk, "finalize") else state.particles.x
+    # Lee & Whiteley (2018) genealogy variance estimate of Z_hat / Z
+    s = torch.zeros(n, dtype=torch.float64).index_add_(0, state.eve.to(torch.long).cpu(), final.W.cpu())
+    num_eves = int((s > 0).sum())
+    rel_var = 1.0 - (n / (n - 1)) ** (state.num_resampled + 1) * (1.0 - float((s**2).sum()))
+    ess = torch.tensor([i.ess for i in infos], dtype=torch.float64)
+    resampled = torch.tensor([i.resampled for i in infos])
+    unique = torch.tensor([i.unique_ancestors for i in infos])
+    msgs = _degeneracy_messages(ess, unique, resampled, num_eves, n, collapse_fraction)
+    for m in msgs:
+        warnings.warn(m, SMCDegeneracyWarning, stacklevel=2)
+    with_mcmc = mcmc is not None
+    return SMCResult(
+        samples=samples.detach(),
+        log_weights=final.log_W,
+        log_Z=state.log_Z,
+        log_Z_var=max(rel_var, 0.0),
+        ess=ess,
+        resampled=resampled,
+        unique_ancestors=unique,
+        num_invalid=torch.tensor([i.num_invalid for i in infos]),
+        num_alive=torch.tensor([i.num_alive for i in infos]),
+        acceptance=torch.tensor([i.acceptance for i in infos], dtype=torch.float64) if with_mcmc else None,
+        step_size=torch.tensor([i.step_size for i in infos], dtype=torch.float64) if with_mcmc else None,
+        log_Z_increments=torch.tensor([i.log_Z_increment for i in infos], dtype=torch.float64),
+        sigmas=getattr(fk, "sigmas", None),
+        nfe=float(sum(i.num_evals for i in infos)),
+        wall_time=time.perf_counter() - t0,
+        num_eves=num_eves,
+        warnings=msgs,
+    )

@@ -1,0 +1,203 @@
+"""Potentials w_{j,k}(x) multiplying the SMC targets (DESIGN.md section 5):
+
+    gamma_k(x) = exp(-E(x, sigma_k)) * prod_j w_{j,k}(x)        ("sampler" mode)
+    log G_k = sum_j log w_{j,k}(x_k) - log w_{j,k+1}(x_{k+1})   ("twisted" mode, telescoping)
+
+In both modes only the last level's potential changes the final law; earlier ones only guide the particles.
+
+- `Box(low, high)`: at the last level the hard indicator 1[x_out in box], where x_out is the sample that will be
+  *returned* (the denoised point D(x, sigma_min) when `final_denoise=True`, else x). Evaluating the indicator on the
+  returned point, i.e. after the final denoise, guarantees zero violations and makes the returned law exactly "what
+  the sampler returns without the box, conditioned on the box". Before the last level it is the box smoothed at
+  sigma_k, w_k(x) = prod_i [Phi((h_i - x_i)/sigma_k) - Phi((l_i - x_i)/sigma_k)] = P(x + sigma_k eps in box),
+  computed as a difference of normal CDFs in log space in float64 (stable in both tails, Box teacher convention).
+- `LowTemperature(beta)`: w_k = exp(-(beta - 1) lambda_k E(x, sigma_k)), lambda_k ramping linearly from 0 at the
+  first level (sigma_max) to 1 at the last (sigma_min). In "twisted" mode the terminal law is the proposal's
+  terminal law times p^(beta-1), i.e. approximately p^beta (Thornton et al. 2025, fig. 3; FK steering).
+- `LogPotential(fn, final_fn=None)`: the generic hook, log w_k(x) = fn(x, sigma_k) `[N]`; at the last level
+  `final_fn` (default `fn`) evaluated on the returned point x_out. Plain callables in `potentials=` are wrapped in it.
+
+Each potential receives a `Level` (index, number of levels, sigma, whether final, the target's energy and score at
+x, and x_out at the last level) and returns float64 log-weights `[N]`; `log_potential_and_grad` adds grad_x log w
+(used by MCMC rejuvenation; at the last level the gradient of a function of x_out is taken w.r.t. x_out and used as
+the gradient w.r.t. x, which only changes the MCMC proposal, not its Metropolis-corrected invariant law).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Level", "Potential", "Box", "LowTemperature", "LogPotential", "as_potential", "log_ndtr_diff"]
+
+
+@dataclass(frozen=True)
+class Level:
+    """Context passed to a potential at SMC level `index` (0 = sigma_max, num_levels - 1 = sigma_min).
+
+    energy `[N]` float64 and score `[N, *event]` are the target's at x and sigma; x_out is the point that will be
+    returned (only at the final level, else None).
+    """
+
+    index: int
+    num_levels: int
+    sigma: float
+    final: bool
+    energy: Tensor | None = None
+    score: Tensor | None = None
+    x_out: Tensor | None = None
+
+    @property
+    def progress(self) -> float:
+        """0 at the first level, 1 at the last (linear in the level index)."""
+        return 1.0 if self.num_levels <= 1 else self.index / (self.num_levels - 1)
+
+
+class Potential:
+    """Base class: subclasses implement `log_potential(x, level) -> [N] float64`."""
+
+    def log_potential(self, x: Tensor, level: Level) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def log_potential_and_grad(self, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
+        """(log w `[N]` float64, grad_x log w `[N, *event]`), by autograd unless overridden. Non-finite grads -> 0."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            lw = self.log_potential(xg, level)
+            if lw.requires_grad:
+                (g,) = torch.autograd.grad(lw.sum(), xg, allow_unused=True)
+                g = torch.zeros_like(x) if g is None else g
+            else:
+                g = torch.zeros_like(x)
+        g = torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        return lw.detach().double(), g
+
+
+def log_ndtr_diff(a: Tensor, b: Tensor) -> Tensor:
+    """log(Phi(b) - Phi(a)) for a <= b elementwise, stable in both tails (float64 recommended).
+
+    Where a + b > 0 both arguments are reflected (Phi(b) - Phi(a) = Phi(-a) - Phi(-b)) so the larger one never sits
+    in the upper tail where Phi saturates at 1; then log Phi(hi) + log(-expm1(log Phi(lo) - log Phi(hi))).
+    """
+    flip = (a + b) > 0
+    lo = torch.where(flip, -b, a)
+    hi = torch.where(flip, -a, b)
+    lhi, llo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return lhi + torch.log(-torch.expm1(llo - lhi))
+
+
+class Box(Potential):
+    """Box constraint low <= x <= high (bounds broadcast against the event shape): hard at the last level, the box
+    smoothed at sigma_k before (see the module docstring). `soft_scale` multiplies sigma_k in the smoothing."""
+
+    def __init__(self, low, high, *, soft_scale: float = 1.0):
+        self.low = torch.as_tensor(low, dtype=torch.float64)
+        self.high = torch.as_tensor(high, dtype=torch.float64)
+        if self.low.shape != self.high.shape:
+            raise ValueError(f"low and high must have the same shape, got {tuple(self.low.shape)} and "
+                             f"{tuple(self.high.shape)}")
+        if not (self.high > self.low).all():
+            raise ValueError("Box needs high > low in every coordinate")
+        if not soft_scale > 0:
+            raise ValueError(f"soft_scale must be > 0, got {soft_scale}")
+        self.soft_scale = float(soft_scale)
+
+    def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.low.to(x.device), self.high.to(x.device)
+
+    def contains(self, x: Tensor) -> Tensor:
+        """`[N]` bool: every coordinate of x `[N, *event]` inside the closed box."""
+        low, high = self._bounds(x)
+        xd = x.double()
+        return ((xd >= low) & (xd <= high)).flatten(1).all(1)
+
+    def log_potential(self, x: Tensor, level: Level) -> Tensor:
+        if level.final:
+            pt = x if level.x_out is None else level.x_out
+            inside = self.contains(pt)
+            return torch.where(inside, 0.0, -math.inf).to(torch.float64)
+        low, high = self._bounds(x)
+        s = level.sigma * self.soft_scale
+        xd = x.double()
+        return log_ndtr_diff((low - xd) / s, (high - xd) / s).flatten(1).sum(1)
+
+    def log_potential_and_grad(self, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
+        lw = self.log_potential(x, level)
+        if level.final:
+            return lw, torch.zeros_like(x)
+        # d/dx log(Phi(b) - Phi(a)) = (phi(a) - phi(b)) / (s (Phi(b) - Phi(a))),  a = (l - x)/s, b = (h - x)/s
+        low, high = self._bounds(x)
+        s = level.sigma * self.soft_scale
+        xd = x.double()
+        a, b = (low - xd) / s, (high - xd) / s
+        logz = log_ndtr_diff(a, b)
+        half_log2pi = 0.5 * math.log(2 * math.pi)
+        g = ((-0.5 * a**2 - half_log2pi - logz).exp() - (-0.5 * b**2 - half_log2pi - logz).exp()) / s
+        return lw, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).to(x.dtype)
+
+
+class LowTemperature(Potential):
+    """w_k = exp(-(beta - 1) lambda_k E(x, sigma_k)), lambda_k = `lambda_fn(level)` (default: linear 0 -> 1).
+
+    Uses the target energy/score the FK model already computed at x (no extra evaluation)."""
+
+    def __init__(self, beta: float, lambda_fn: Callable[[Level], float] | None = None):
+        if not (beta > 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be a positive finite number, got {beta}")
+        self.beta = float(beta)
+        self.lambda_fn = lambda_fn if lambda_fn is not None else (lambda level: level.progress)
+
+    def _coef(self, level: Level) -> float:
+        return -(self.beta - 1.0) * float(self.lambda_fn(level))
+
+    def log_potential(self, x: Tensor, level: Level) -> Tensor:
+        if level.energy is None:
+            raise ValueError("LowTemperature needs the target energy in the Level context")
+        return self._coef(level) * level.energy.double()
+
+    def log_potential_and_grad(self, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
+        if level.score is None:
+            raise ValueError("LowTemperature needs the target score in the Level context")
+        c = self._coef(level)
+        # log w = c E with c = -(beta - 1) lambda, and grad E = -score  =>  grad log w = -c * score
+        return self.log_potential(x, level), (-c) * level.score
+
+
+class LogPotential(Potential):
+    """Generic hook: log w_k(x) = fn(x, sigma) `[N]` (sigma a `[N]` tensor); at the last level `final_fn` (default
+    fn) on the returned point x_out. Return -inf for forbidden points; NaN/+inf are treated as invalid by SMC."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], final_fn: Callable[[Tensor, Tensor], Tensor] | None = None):
+        if not callable(fn) or (final_fn is not None and not callable(final_fn)):
+            raise TypeError("LogPotential needs callables fn(x, sigma) -> [N] (and optionally final_fn)")
+        self.fn, self.final_fn = fn, final_fn
+
+    def log_potential(self, x: Tensor, level: Level) -> Tensor:
+        fn = self.fn
+        pt = x
+        if level.final:
+            fn = self.final_fn if self.final_fn is not None else self.fn
+            if level.x_out is not None:
+                # keep the autograd path from x (x_out = D(x) is treated as x + const for the gradient)
+                pt = x + (level.x_out - x).detach()
+        sigma = torch.full((x.shape[0],), level.sigma, dtype=x.dtype, device=x.device)
+        out = fn(pt, sigma)
+        if not isinstance(out, Tensor) or out.shape != (x.shape[0],):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"log-potential must return shape [N]=[{x.shape[0]}], got {shape}")
+        return out.double() if not out.requires_grad else out.to(torch.float64)
+
+
+def as_potential(p) -> Potential:
+    """A Potential as is; a plain callable fn(x, sigma) -> [N] wrapped in LogPotential."""
+    if isinstance(p, Potential):
+        return p
+    if callable(getattr(p, "log_potential", None)):
+        return p
+    if callable(p):
+        return LogPotential(p)
+    raise TypeError(f"a potential must be a fkdiff.smc.Potential or a callable fn(x, sigma) -> [N], got {type(p).__name__}")

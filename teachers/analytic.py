@@ -115,7 +115,9 @@ class GaussianMixture(_Analytic):
         self.lam, self.u = lam.clamp_min(0.0), u
         self.dim, self.num_components, self.dtype = d, k, dtype
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        self.sigma_data = float(sigma_data) if sigma_data is not None else float(self.covariance().trace().div(d).sqrt())
+        # sigma_data: RMS about zero, sqrt(E|x|^2 / d) (the zero-mean Gaussian scale of EDM preconditioning)
+        second = self.covariance().trace() + self.mean().square().sum()
+        self.sigma_data = float(sigma_data) if sigma_data is not None else float(second.div(d).sqrt())
 
     # -- moments and sampling ------------------------------------------------------------------
     def mean(self) -> Tensor:

@@ -141,7 +141,9 @@ def test_toy2d_samples_the_teacher():
     assert ((x.mean(0) - mean).abs() < 5 * se).all()
     # every sample lies near a ring mode (std 0.05 -> within 6 std of radius 0.5)
     assert ((x.norm(dim=1) - 0.5).abs() < 0.3).all()
-    assert math.isclose(dm.sigma_data, float((torch.diagonal(cov).mean()).sqrt()), rel_tol=1e-12)
+    # sigma_data is the RMS about zero: sqrt((trace Cov + |mean|^2) / d)
+    assert math.isclose(dm.sigma_data, float(((torch.diagonal(cov).sum() + mean.square().sum()) / 2).sqrt()),
+                        rel_tol=1e-12)
     # deterministic from the seed, different across seeds
     again = build_datamodule("toy2d", preset="ring8", num_samples=20000, seed=0)
     again.setup()
@@ -160,8 +162,8 @@ def test_toy2d_accepts_a_teacher_object():
     assert dm.teacher is box
     x = dm.train_set.x
     assert box.contains(x.double()).all()
-    # sigma_data = sqrt(mean per-coordinate variance) = sqrt((4/12 + 4/12) / 2)
-    assert math.isclose(dm.sigma_data, math.sqrt(4 / 12), rel_tol=1e-12)
+    # sigma_data = RMS about zero = sqrt(mean over coordinates of (var + mean^2)) = sqrt((4/12 + 1 + 4/12) / 2)
+    assert math.isclose(dm.sigma_data, math.sqrt((4 / 12 + 1 + 4 / 12) / 2), rel_tol=1e-12)
     with pytest.raises(ValueError, match="preset_kwargs"):
         build_datamodule("toy2d", preset=box, preset_kwargs={"std": 1.0})
     dm = build_datamodule("toy2d", preset="ring8", preset_kwargs={"radius": 2.0}, num_samples=100)
@@ -276,7 +278,7 @@ def test_shapes_datamodule():
     # every (image, object) pair appears exactly once per epoch
     pairs = {(int(r), tuple(c.tolist())) for r, c in zip(dm.train_set.rows, dm.train_set.cond)}
     assert len(pairs) == len(dm.train_set)
-    sd = float(dm.scenes.images[:240].double().std())
+    sd = float(dm.scenes.images[:240].double().pow(2).mean().sqrt())  # RMS about zero
     assert math.isclose(dm.sigma_data, sd, rel_tol=1e-12)
     dm32 = build_datamodule("shapes", canvas=32, num_samples=50, batch_size=16)
     _check_contract(dm32)
@@ -321,7 +323,7 @@ def test_digits():
     other = build_datamodule("digits", seed=1)
     other.setup()
     assert not torch.equal(other.val_set.x, dm.val_set.x)
-    assert math.isclose(dm.sigma_data, float(dm.train_set.x.double().std()), rel_tol=1e-12)
+    assert math.isclose(dm.sigma_data, float(dm.train_set.x.double().pow(2).mean().sqrt()), rel_tol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------ cifar10
@@ -362,7 +364,7 @@ def test_cifar10_reads_synthetic_pickles(tmp_path, nested):
     v = next(iter(dm.val_dataloader()))  # val = test_batch, in order
     assert torch.equal(v["x"], torch.as_tensor(batches["test_batch"][b"data"].reshape(6, 3, 32, 32)).float() / 127.5 - 1)
     exact = torch.as_tensor(raw, dtype=torch.float64) / 127.5 - 1  # the histogram computes in float64
-    assert math.isclose(dm.sigma_data, float(exact.std()), rel_tol=1e-12)
+    assert math.isclose(dm.sigma_data, float(exact.pow(2).mean().sqrt()), rel_tol=1e-12)
 
 
 def test_cifar10_missing_files_error(tmp_path):

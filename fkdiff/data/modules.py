@@ -3,8 +3,9 @@
 Contract shared by every datamodule:
 - batches are dicts `{"x": float32 [B, *event], "cond": ...}`; "cond" is absent for unconditional data, a long `[B]`
   class label for cond_kind "class", a float32 `[B, 2]` normalised (x, y) position for cond_kind "position";
-- attributes `event_shape`, `cond_kind`, `num_classes`, `cond_dim`, `sigma_data` (the standard deviation of the
-  training values pooled over coordinates; exact from the teacher for toy2d);
+- attributes `event_shape`, `cond_kind`, `num_classes`, `cond_dim`, `sigma_data` (the root mean square of the
+  training values about zero, pooled over coordinates -- the scale of the zero-mean Gaussian that EDM's
+  preconditioning assumes; exact from the teacher for toy2d);
 - data are built in memory, deterministically from `seed`, identically on every rank;
 - the train order is a pure function of (seed, epoch): `SeededShuffleSampler` draws a permutation from a generator
   seeded by (seed, epoch) and follows Lightning's `set_epoch` calls; under DDP Lightning wraps it in a
@@ -107,8 +108,9 @@ def _split(n: int, val_fraction: float, seed: int | None) -> tuple[Tensor, Tenso
     return order[: n - n_val], order[n - n_val:]
 
 
-def _pooled_std(x: Tensor) -> float:
-    return float(x.to(torch.float64).std())
+def _pooled_rms(x: Tensor) -> float:
+    """sigma_data = sqrt(mean x^2) over every value: the RMS about zero (the EDM preconditioning's data scale)."""
+    return float(x.to(torch.float64).pow(2).mean().sqrt())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,11 +228,10 @@ class Toy2DDataModule(_InMemoryDataModule):
         x = x.detach().to("cpu", torch.float32).contiguous()
         tr, va = _split(self.num_samples, self.val_fraction, None)  # iid draws: first / last rows
         self.train_set, self.val_set = ArrayDataset(x[tr]), ArrayDataset(x[va])
-        if hasattr(self.teacher, "covariance"):  # exact: sqrt(trace(Cov) / d)
-            cov = self.teacher.covariance()
-            self._sigma_data = float((torch.diagonal(cov).sum() / cov.shape[0]).sqrt())
+        if hasattr(self.teacher, "sigma_data"):  # exact: sqrt(E|x|^2 / d)
+            self._sigma_data = float(self.teacher.sigma_data)
         else:
-            self._sigma_data = float(x[tr].to(torch.float64).var(0).mean().sqrt())
+            self._sigma_data = _pooled_rms(x[tr])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ class ShapesDataModule(_InMemoryDataModule):
         self.train_set = ArrayDataset(images, cond, rows=rows)
         rows, cond = self._pairs(va)
         self.val_set = ArrayDataset(images, cond, rows=rows)
-        self._sigma_data = _pooled_std(images[tr])
+        self._sigma_data = _pooled_rms(images[tr])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ class DigitsDataModule(_InMemoryDataModule):
         x, y = load_digits(self.size)
         tr, va = _split(len(x), self.val_fraction, self.seed)
         self.train_set, self.val_set = ArrayDataset(x[tr], y[tr]), ArrayDataset(x[va], y[va])
-        self._sigma_data = _pooled_std(x[tr])
+        self._sigma_data = _pooled_rms(x[tr])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -343,15 +344,13 @@ class CIFAR10DataModule(_InMemoryDataModule):
         xv, yv, _ = load_cifar10(self.folder, train=False)
         self.train_set = ArrayDataset(x, y, transform=uint8_to_unit)
         self.val_set = ArrayDataset(xv, yv, transform=uint8_to_unit)
-        # exact pooled std of x / 127.5 - 1 from a histogram of the uint8 values (no float copy of the data)
+        # exact pooled RMS of x / 127.5 - 1 from a histogram of the uint8 values (no float copy of the data)
         hist = torch.zeros(256, dtype=torch.float64)
         flat = x.reshape(-1)
         for i in range(0, flat.numel(), 1 << 24):
             hist += torch.bincount(flat[i:i + (1 << 24)].to(torch.int64), minlength=256).to(torch.float64)
         v = torch.arange(256, dtype=torch.float64) / 127.5 - 1
-        n = hist.sum()
-        mean = (hist * v).sum() / n
-        self._sigma_data = float(((hist * (v - mean) ** 2).sum() / (n - 1)).sqrt())
+        self._sigma_data = float(((hist * v**2).sum() / hist.sum()).sqrt())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

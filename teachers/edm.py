@@ -106,7 +106,7 @@ class EDMDenoiser(nn.Module):
         sigma = as_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in (c_skip, c_out, c_in))
-        dtype = next(self.backbone.parameters()).dtype
+        dtype = next(self.backbone.parameters(), x).dtype  # a parameter-free backbone runs in x's dtype
         F_x = self.backbone((c_in * x).to(dtype), c_noise.to(dtype), cond)
         return c_skip * x + c_out * F_x.to(x.dtype)
 

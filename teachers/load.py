@@ -152,6 +152,8 @@ def load_teacher(source: Any, device: torch.device | str | None = None):
     if kind == "edm_pickle":
         from teachers.adapters import load_edm_pickle
 
+        if not source.get("path"):
+            raise ValueError("teacher.kind=edm_pickle needs teacher.path (an NVlabs/edm network-snapshot-*.pkl)")
         return load_edm_pickle(source.get("path"), allow_pickle=bool(_get(source, "allow_pickle", False)),
                                code_dir=source.get("code_dir"), key=str(_get(source, "key", "ema")), device=device)
     if kind == "diffusers":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -36,9 +37,10 @@ from torch import Tensor, nn
 from fkdiff.diffusion import append_dims, as_sigma, check_batch, edm_precond
 from fkdiff.nets import build_backbone
 
-__all__ = ["G_KINDS", "EnergyStudent", "build_student", "warm_start_from"]
+__all__ = ["G_KINDS", "FORMAT", "EnergyStudent", "build_student", "warm_start_from", "save_student", "load_energy"]
 
 G_KINDS = ("l2", "ip", "dae", "scalar")
+FORMAT = "fkdiff.energy/1"
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -186,3 +188,58 @@ def warm_start_from(student: EnergyStudent, teacher: Any, strict: bool = False) 
         return False
     student.f.load_state_dict(copy.deepcopy(theirs))
     return True
+
+
+def save_student(student: EnergyStudent, path: str | Path, **extra: Any) -> Path:
+    """Write a student's config and weights as a plain dict (loadable with `torch.load(weights_only=True)`)."""
+    if student.config is None:
+        raise TypeError("save_student needs a student made by fkdiff.energy.build_student (it records its config)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+    torch.save({"format": FORMAT, "config": dict(student.config), "state_dict": state, **extra}, path)
+    return path
+
+
+def _find_student_file(path: Path, name: str | None) -> Path:
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no student at {path}; pass a student.pt, a distillation .ckpt or a run folder")
+    if name is not None:
+        cand = path / name / "student.pt"
+        if not cand.is_file():
+            raise FileNotFoundError(f"{cand} not found")
+        return cand
+    if (path / "student.pt").is_file():
+        return path / "student.pt"
+    found = sorted(path.glob("*/student.pt"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(f"no student.pt in {path} or its subfolders; was the distillation run finished?")
+    raise ValueError(f"{path} holds several students ({', '.join(p.parent.name for p in found)}); "
+                     f"pass name=<one of them>")
+
+
+def load_energy(path: str | Path, device: torch.device | str | None = None, name: str | None = None) -> EnergyStudent:
+    """A trained energy student, in eval mode on `device`, from `python -m fkdiff.distill` output.
+
+    `path`: a `student.pt`, a distillation Lightning checkpoint (`*.ckpt`; its state_dict holds the EMA weights), or a
+    run folder (`name` picks one student when the folder holds several, e.g. toy2d's ring8 / strip).
+    The result has `energy(x, sigma)`, `score(x, sigma)` and `__call__(x, sigma)` (the denoiser).
+    """
+    file = _find_student_file(Path(path), name)
+    data = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{file} is not a student checkpoint")
+    if data.get("format") == FORMAT:
+        config, state = data["config"], data["state_dict"]
+    elif "fkdiff_student" in data and "state_dict" in data:
+        config = data["fkdiff_student"]["config"]
+        state = {k[len("student."):]: v for k, v in data["state_dict"].items() if k.startswith("student.")}
+    else:
+        raise ValueError(f"{file} is neither a student.pt ({FORMAT}) nor a fkdiff.distill Lightning checkpoint")
+    student = build_student(**config)
+    student.load_state_dict(state)
+    return student.to(device).eval().requires_grad_(False)

@@ -1,0 +1,230 @@
+"""Accuracy of SMC against the baselines on 2D compositions with exact answers (DESIGN.md section 5).
+
+Targets (analytic teachers, energies normalised at every sigma), truth at sigma_min on a fine grid
+(log Z by quadrature; exact samples = grid cells drawn by mass, uniformly jittered inside the cell):
+
+  product_ring_strip  ring8 x strip (Du et al. appendix G product: GMM x uniform box teacher)
+  product_gmm         ring8 x a two-component GMM (also closed form: teachers.gmm_product, used as a check)
+  mixture             columns_left OR columns_right, weights 0.3 / 0.7 (Du et al. appendix G mixture)
+  negation            ring8 NOT a Gaussian at (0.5, 0) (E_b - 0.5 E_o, Du et al. eq. 10)
+  low_temperature     a 3-mode GMM at beta = 3 (target exp(-beta E(x, sigma)), exact SMC-sampler weights)
+  bounds              ring8 restricted to the box [-0.6, 0.6] x [0, 0.6]: SMC uses the hard `fkdiff.smc.Box`
+                      potential; the baselines (which take no potentials) the product with a Box teacher
+
+Methods at a budget B of target evaluations per particle (energy+score):
+  reverse    naive reverse diffusion with the composed score (B levels)             fkdiff.samplers.reverse_diffusion
+  annealed   annealed HMC, 1 HMC step x 3 leapfrog per level (B/4 levels)           fkdiff.samplers.annealed_mcmc
+  smc        SMC with the reverse-diffusion proposal, no MCMC (B levels)             fkdiff.smc.sample
+  smc_hmc    SMC + 1 HMC step x 3 leapfrog per level (B/4 levels)                   fkdiff.smc.sample(mcmc=HMC())
+
+Metrics against an independent exact sample of the same size N:
+  tv    total variation between the mode-occupancy histograms (each point assigned to the nearest mode centre;
+        weighted by the SMC weights)
+  mmd   weighted MMD (V-statistic) with a sum of RBF kernels, bandwidths 0.02, 0.05, 0.1, 0.2, 0.5
+  lz    |log Z_hat - log Z| (SMC methods only)
+The noise floor is the same tv / mmd between two independent exact samples of size N.
+
+    python benchmarks/smc_accuracy.py            # 2000 particles, B = 100 / 300 / 1000, all targets
+    python benchmarks/smc_accuracy.py --quick    # 1000 particles, B = 100 / 300
+Writes benchmarks/results/smc_accuracy.{json,md} and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from fkdiff import compose, mcmc, samplers, smc
+from fkdiff.targets import energy
+from teachers.analytic import Box as BoxTeacher
+from teachers.analytic import GaussianMixture, gmm_product
+from teachers.presets import columns_left, columns_right, ring8, strip
+
+SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
+BANDWIDTHS = (0.02, 0.05, 0.1, 0.2, 0.5)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def iso_gmm(means, stds, weights=None) -> GaussianMixture:
+    means = torch.tensor(means, dtype=torch.float64)
+    stds = torch.as_tensor(stds, dtype=torch.float64).expand(means.shape[0])
+    return GaussianMixture(means, stds[:, None, None] ** 2 * torch.eye(2, dtype=torch.float64), weights)
+
+
+def ring_centres():
+    return ring8().means
+
+
+def make_targets() -> dict:
+    """name -> dict(target, potentials (SMC only), baseline_target, centres, box (grid indicator), init_std)."""
+    r8 = ring8()
+    two = iso_gmm([[0.35, 0.35], [-0.35, -0.35]], [0.3, 0.2])
+    three = iso_gmm([[-0.5, 0.0], [0.5, 0.0], [0.0, 0.6]], [0.08, 0.12, 0.1], [0.5, 0.3, 0.2])
+    cl, cr = columns_left(), columns_right()
+    low, high = [-0.6, 0.0], [0.6, 0.6]
+    t = {
+        "product_ring_strip": dict(target=compose.product(r8, strip()), centres=r8.means),
+        "product_gmm": dict(target=compose.product(r8, two), centres=r8.means, closed_form=gmm_product(r8, two)),
+        "mixture": dict(target=compose.mixture(cl, cr, weights=[0.3, 0.7]), centres=torch.cat([cl.means, cr.means])),
+        "negation": dict(target=compose.negation(r8, iso_gmm([[0.5, 0.0]], [0.25]), alpha=0.5), centres=r8.means,
+                         init_std=2 * SIGMA_MAX),
+        "low_temperature": dict(target=compose.tempered(three, 3.0), centres=three.means),
+        "bounds": dict(target=r8, potentials=[smc.Box(low, high)], baseline_target=compose.product(r8, BoxTeacher(low, high)),
+                       centres=r8.means, box=(torch.tensor(low, dtype=torch.float64), torch.tensor(high, dtype=torch.float64))),
+    }
+    return t
+
+
+class GridTruth:
+    """exp(-E(x, sigma_min)) (times a box indicator) on an M x M grid over [-L, L]^2: log Z and exact samples."""
+
+    def __init__(self, target, box=None, half_width: float = 1.3, cells: int = 1300):
+        h = 2 * half_width / cells
+        c = -half_width + h * (torch.arange(cells, dtype=torch.float64) + 0.5)
+        xx, yy = torch.meshgrid(c, c, indexing="ij")
+        pts = torch.stack([xx.flatten(), yy.flatten()], 1)
+        logp = -energy(target, pts, SIGMA_MIN, max_batch=200_000)
+        if box is not None:
+            inside = ((pts >= box[0]) & (pts <= box[1])).all(1)
+            logp = torch.where(inside, logp, torch.full_like(logp, -math.inf))
+        self.pts, self.h = pts, h
+        self.log_Z = float(torch.logsumexp(logp, 0)) + 2 * math.log(h)
+        self.probs = torch.softmax(logp, 0)
+        edge = (pts.abs() > half_width - 5 * h).any(1)
+        self.edge_mass = float(self.probs[edge].sum())  # must be ~0: the grid covers the law
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        # torch.multinomial caps the number of categories at 2^24; fine for 1300^2
+        idx = torch.multinomial(self.probs, n, replacement=True, generator=generator)
+        jitter = (torch.rand(n, 2, generator=generator, dtype=torch.float64) - 0.5) * self.h
+        return self.pts[idx] + jitter
+
+
+def mode_tv(x, w, y, centres) -> float:
+    """TV between the weighted nearest-centre histograms of x (weights w) and y (equal weights)."""
+    k = centres.shape[0]
+    hx = torch.zeros(k, dtype=torch.float64).index_add_(0, torch.cdist(x, centres).argmin(1), w)
+    hy = torch.bincount(torch.cdist(y, centres).argmin(1), minlength=k).double() / y.shape[0]
+    return 0.5 * float((hx / hx.sum() - hy).abs().sum())
+
+
+def mmd(x, w, y) -> float:
+    """Weighted V-statistic MMD with a sum of RBF kernels (bandwidths BANDWIDTHS)."""
+    v = torch.full((y.shape[0],), 1.0 / y.shape[0], dtype=torch.float64)
+    w = w / w.sum()
+
+    def k(a, b):
+        d2 = torch.cdist(a, b) ** 2
+        return sum(torch.exp(-d2 / (2 * bw**2)) for bw in BANDWIDTHS)
+
+    m2 = w @ k(x, x) @ w + v @ k(y, y) @ v - 2 * w @ k(x, y) @ v
+    return math.sqrt(max(float(m2), 0.0))
+
+
+def run_method(method, spec, n, budget, gen):
+    kw = dict(shape=(2,), sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, generator=gen)
+    base = spec.get("baseline_target", spec["target"])
+    hmc_levels = max(budget // 4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "reverse":
+            return samplers.reverse_diffusion(base, n, num_steps=budget, **kw)
+        if method == "annealed":
+            return samplers.annealed_mcmc(base, n, num_steps=hmc_levels, mcmc=mcmc.HMC(), **kw)
+        smc_kw = dict(potentials=spec.get("potentials", ()), init_std=spec.get("init_std"))
+        if method == "smc":
+            return smc.sample(spec["target"], n, num_steps=budget, **smc_kw, **kw)
+        if method == "smc_hmc":
+            return smc.sample(spec["target"], n, num_steps=hmc_levels, mcmc=mcmc.HMC(), **smc_kw, **kw)
+    raise ValueError(method)
+
+
+METHODS = ("reverse", "annealed", "smc", "smc_hmc")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--particles", type=int, default=2000)
+    p.add_argument("--budgets", type=int, nargs="+", default=[100, 300, 1000])
+    p.add_argument("--targets", nargs="+", default=None, help="subset of target names")
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="1000 particles, budgets 100 300")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.particles, args.budgets = 1000, [100, 300]
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    targets = make_targets()
+    names = args.targets or list(targets)
+    n = args.particles
+    rows, floors = [], {}
+    for name in names:
+        spec = targets[name]
+        truth = GridTruth(spec["target"], spec.get("box"))
+        g = torch.Generator().manual_seed(args.seed)
+        ref, ref2 = truth.sample(n, g), truth.sample(n, g)
+        eq = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        floors[name] = dict(tv=mode_tv(ref2, eq, ref, spec["centres"]), mmd=mmd(ref2, eq, ref), log_Z=truth.log_Z,
+                            grid_edge_mass=truth.edge_mass)
+        if "closed_form" in spec:
+            floors[name]["log_Z_closed_form"] = spec["closed_form"][1]
+        print(f"[{name}] log Z = {truth.log_Z:.4f}  floor tv = {floors[name]['tv']:.4f}  mmd = {floors[name]['mmd']:.4f}",
+              flush=True)
+        for budget in args.budgets:
+            for method in args.methods:
+                gm = torch.Generator().manual_seed(args.seed * 1000 + budget)
+                t0 = time.perf_counter()
+                res = run_method(method, spec, n, budget, gm)
+                wall = time.perf_counter() - t0
+                w = res.log_weights.exp()
+                alive = w > 0
+                x = res.samples[alive].double()
+                row = dict(target=name, method=method, budget=budget, nfe=res.nfe, wall_time=wall,
+                           tv=mode_tv(x, w[alive], ref, spec["centres"]), mmd=mmd(x, w[alive], ref),
+                           log_Z=res.log_Z, log_Z_err=abs(res.log_Z - truth.log_Z) if math.isfinite(res.log_Z) else None,
+                           log_Z_se=getattr(res, "log_Z_se", None) if math.isfinite(res.log_Z) else None,
+                           min_ess=float(res.ess.min()), final_ess=res.final_ess,
+                           mean_acceptance=None if res.acceptance is None else float(res.acceptance.nanmean()))
+                rows.append(row)
+                lz = "" if row["log_Z_err"] is None else f" |dlogZ| = {row['log_Z_err']:.3f}"
+                print(f"  B={budget:5d} {method:9s} tv = {row['tv']:.4f} mmd = {row['mmd']:.4f}{lz} "
+                      f"(nfe {res.nfe:.0f}, {wall:.1f}s)", flush=True)
+    table = markdown(rows, floors, args)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "smc_accuracy.json").write_text(json.dumps(dict(config=vars(args) | {"out": str(args.out)},
+                                                                floors=floors, rows=rows), indent=1))
+    (args.out / "smc_accuracy.md").write_text(table)
+    return rows, floors
+
+
+def markdown(rows, floors, args) -> str:
+    lines = [f"SMC accuracy, N = {args.particles} particles, seed {args.seed}; tv / mmd (x noise floor) / |log Z error|",
+             "", "| target | B | floor tv / mmd | " + " | ".join(args.methods) + " |",
+             "|---|---|---|" + "---|" * len(args.methods)]
+    for name in floors:
+        f = floors[name]
+        for budget in args.budgets:
+            cells = []
+            for m in args.methods:
+                r = next((r for r in rows if r["target"] == name and r["method"] == m and r["budget"] == budget), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                c = f"{r['tv']:.3f} / {r['mmd']:.3f} ({r['mmd'] / max(f['mmd'], 1e-12):.1f}x)"
+                if r["log_Z_err"] is not None:
+                    c += f" / {r['log_Z_err']:.3f}"
+                cells.append(c)
+            lines.append(f"| {name} | {budget} | {f['tv']:.3f} / {f['mmd']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -297,7 +297,7 @@ def test_diffusers_missing_gives_install_hint(monkeypatch, abar):
         from_diffusers(nn.Identity(), alphas_cumprod=abar)
 
 
-def test_diffusers_unet_adapter(abar):
+def test_diffusers_unet_adapter(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
@@ -312,6 +312,12 @@ def test_diffusers_unet_adapter(abar):
     out = unet(x / (1 + torch.tensor([0.25, 4.0])).sqrt()[:, None, None, None], t.float()).sample
     ref = VPVDenoiser(lambda xt, tt: out, sched.alphas_cumprod)(x, torch.tensor([0.5, 2.0]))
     torch.testing.assert_close(den(x, torch.tensor([0.5, 2.0])), ref)
+    # a pipeline-style folder (unet/ + scheduler/) through load_teacher: same network, same prediction type
+    unet.save_pretrained(tmp_path / "unet")
+    sched.save_pretrained(tmp_path / "scheduler")
+    loaded = load_teacher({"kind": "diffusers", "path": str(tmp_path)})
+    assert isinstance(loaded, VPVDenoiser)
+    torch.testing.assert_close(loaded(x, torch.tensor([0.5, 2.0])), ref)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ only the population step size, a median over N particles, whose dependence on an
 any per-particle statistic f, the population mean is an average of N i.i.d. values: one value per chain, no
 autocorrelation to correct for, and its standard error is sd(f)/sqrt(N), estimated from the particles themselves.
 We require |z| = |mean f - E f| / (sd f / sqrt N) < Z_TOL = 4.0: P(|z| > 4) = 6.3e-5 per statistic under the null,
-so the ~150 statistics in this file produce a false alarm with probability < 1% (seeds are fixed anyway).
+so the ~120 statistics in this file produce a false alarm with probability < 1% (seeds are fixed anyway).
 The same statistics *fail* on a broken kernel: `test_ula_bias_...` shows that the unadjusted kernel at the step size
 the adjusted one uses is rejected with |z| far above the tolerance.
 """

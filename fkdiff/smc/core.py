@@ -115,6 +115,7 @@ def smc_step(
             "rest had weight zero (e.g. every particle violates a hard constraint)"
         )
     log_Z = state.log_Z + w.log_norm - float(torch.logsumexp(prev_lw, 0))
+    lw = w.lw  # sanitised: NaN/+inf -> -inf, so nothing invalid is carried to the next level
     particles, eve, num_res = cur, state.eve, state.num_resampled
     resampled = ess_threshold >= 1.0 or w.ess < ess_threshold * n
     if resampled:

@@ -1,0 +1,131 @@
+"""Composition algebra (fkdiff.compose): energies and scores against closed forms from analytic teachers."""
+
+import math
+
+import pytest
+import torch
+
+from fkdiff import compose
+from teachers.analytic import GaussianMixture, gmm_product
+from teachers.presets import gaussian, ring8
+
+SIGMAS = [0.002, 0.3, 2.0, 80.0]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small 2D batches: one intra-op thread is fastest (and immune to oversubscription on shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class EnergyOnly:
+    """Any object with just an energy (score by autograd inside fkdiff)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def energy(self, x, sigma):
+        return self.inner.energy(x, sigma)
+
+
+def _gmm_b():
+    return GaussianMixture([[0.7, 0.7], [-1.0, 0.0]], torch.stack([0.3 * torch.eye(2), 0.2 * torch.eye(2)]).double(),
+                           [0.3, 0.7])
+
+
+def _x(gen, n=64, scale=1.5):
+    return scale * torch.randn(n, 2, generator=gen, dtype=torch.float64)
+
+
+def _autograd_score(target, x, sigma):
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(target.energy(xg, sigma).sum(), xg)
+    return -g
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_product_matches_gmm_product(sigma, gen):
+    a, b = ring8(radius=1.0, std=0.15), _gmm_b()
+    prod = compose.product(a, b)
+    r, log_z = gmm_product(a, b, sigma)  # q_a q_b = Z r  =>  E_prod = -log Z - log r
+    x = _x(gen)
+    assert torch.allclose(prod.energy(x, sigma), -log_z - r.log_prob(x, 1e-12), atol=1e-8)
+    assert torch.allclose(prod.score(x, sigma), a.score(x, sigma) + b.score(x, sigma), atol=1e-12)
+    # energy-only components: same energy, score by autograd
+    prod2 = compose.product(EnergyOnly(a), EnergyOnly(b))
+    assert torch.allclose(prod2.score(x, sigma), prod.score(x, sigma), atol=1e-8)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_mixture_is_the_concatenated_gmm(sigma, gen):
+    a, b = ring8(radius=1.0, std=0.15), _gmm_b()
+    w = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    mix = compose.mixture(a, b, weights=[1.0, 3.0])  # normalised to [0.25, 0.75]
+    exact = GaussianMixture(torch.cat([a.means, b.means]), torch.cat([a.covs, b.covs]),
+                            torch.cat([w[0] * a.weights, w[1] * b.weights]))
+    x = torch.cat([_x(gen), torch.tensor([[40.0, -35.0], [1e3, 1e3]], dtype=torch.float64)])  # far tails too
+    assert torch.allclose(mix.energy(x, sigma), exact.energy(x, sigma), rtol=1e-10, atol=1e-8)
+    s = mix.score(x, sigma)
+    assert torch.isfinite(s).all()
+    assert torch.allclose(s, exact.score(x, sigma), rtol=1e-8, atol=1e-8)
+    # the score is the gradient of the energy (also for energy-only components)
+    mix2 = compose.mixture(EnergyOnly(a), EnergyOnly(b), weights=[1.0, 3.0])
+    assert torch.allclose(mix2.score(x[:64], sigma), _autograd_score(mix, x[:64], sigma), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_negation_tempered_conditional(sigma, gen):
+    a, b, c = ring8(radius=1.0, std=0.15), _gmm_b(), gaussian([0.5, -0.5], 0.4)
+    x = _x(gen)
+    neg = compose.negation(a, b, alpha=0.5)
+    assert torch.allclose(neg.energy(x, sigma), a.energy(x, sigma) - 0.5 * b.energy(x, sigma), atol=1e-12)
+    assert torch.allclose(neg.score(x, sigma), _autograd_score(neg, x, sigma), atol=1e-8)
+    tmp = compose.tempered(a, 2.5)
+    assert torch.allclose(tmp.energy(x, sigma), 2.5 * a.energy(x, sigma), atol=1e-12)
+    assert torch.allclose(tmp.score(x, sigma), 2.5 * a.score(x, sigma), atol=1e-12)
+    # Du et al. eq. 13: E(x) + sum_i w_i (E(x|y_i) - E(x)); with one condition and w = 1 it is the conditional itself
+    cond = compose.conditional(a, [b, c], weights=[1.0, 2.0])
+    e = a.energy(x, sigma) + (b.energy(x, sigma) - a.energy(x, sigma)) + 2.0 * (c.energy(x, sigma) - a.energy(x, sigma))
+    assert torch.allclose(cond.energy(x, sigma), e, atol=1e-10)
+    assert torch.allclose(cond.score(x, sigma), _autograd_score(cond, x, sigma), atol=1e-8)
+    one = compose.conditional(a, [b])
+    assert torch.allclose(one.energy(x, sigma), b.energy(x, sigma), atol=1e-10)
+
+
+def test_nesting_and_denoiser(gen):
+    a, b, c = ring8(radius=1.0, std=0.15), _gmm_b(), gaussian([0.5, -0.5], 0.4)
+    t = compose.mixture(compose.product(a, c), compose.negation(b, c, alpha=0.3), weights=[0.6, 0.4])
+    x = _x(gen)
+    sig = torch.full((64,), 0.7, dtype=torch.float64)  # sigma as a [B] tensor, as fkdiff.smc passes it
+    assert torch.allclose(t.score(x, sig), _autograd_score(t, x, sig), rtol=1e-7, atol=1e-8)
+    # denoiser D = x + sigma^2 score (Tweedie); for a single component it is the teacher's exact denoiser
+    p = compose.product(a)
+    assert torch.allclose(p(x, 0.7), a(x, 0.7), atol=1e-10)
+
+
+def test_errors():
+    a = ring8()
+    with pytest.raises(ValueError):
+        compose.mixture(a, a, weights=[1.0, -1.0])
+    with pytest.raises(ValueError):
+        compose.tempered(a, 0.0)
+    with pytest.raises(ValueError):
+        compose.product()
+    with pytest.raises(TypeError):
+        compose.product(a, object())
+    with pytest.raises(ValueError):
+        compose.conditional(a, [a], weights=[1.0, 2.0])
+    # a score-only component: the score composes, the energy says why it cannot
+    class ScoreOnly:
+        def score(self, x, sigma):
+            return a.score(x, sigma)
+
+    p = compose.product(a, ScoreOnly())
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    assert torch.allclose(p.score(x, 1.0), 2 * a.score(x, 1.0))
+    with pytest.raises(TypeError, match="no energy"):
+        p.energy(x, 1.0)
+    assert math.isfinite(float(compose.mixture(a, weights=None).energy(x, 1.0)[0]))

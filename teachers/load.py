@@ -119,14 +119,13 @@ def load_teacher(source: Any, device: torch.device | str | None = None):
     """A teacher `D(x, sigma, cond=None)` from a checkpoint path or a `teacher:` config mapping (module docstring)."""
     if isinstance(source, (str, Path)):
         return load_teacher_checkpoint(source, device)
-    if not isinstance(source, Mapping):
-        try:  # omegaconf.DictConfig is not a collections.abc.Mapping subclass on every version
-            from omegaconf import DictConfig, OmegaConf
+    try:  # a Hydra/OmegaConf section: plain containers, interpolations resolved
+        from omegaconf import DictConfig, OmegaConf
 
-            if isinstance(source, DictConfig):
-                source = OmegaConf.to_container(source, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(source, DictConfig):
+            source = OmegaConf.to_container(source, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
     if not isinstance(source, Mapping):
         raise TypeError(f"load_teacher takes a path or a teacher config mapping, got {type(source).__name__}")
     if "teacher" in source and "kind" not in source:

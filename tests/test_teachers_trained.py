@@ -4,10 +4,10 @@ teachers.train, teachers.load).
 The quality test trains the toy2d recipe's teacher (MLP width 64, 2 blocks, 600 steps, batch 256, EMA 0.99) on the
 ring8 preset and compares its denoising error E|D(x_0 + sigma n, sigma) - x_0|^2 with the exact denoiser's on the
 same draws, per sigma bucket. Measured ratios (teacher / exact), 8192 draws per bucket:
-    sigma in [0.002, 0.01): 1.03   [0.01, 0.05): 1.05   [0.05, 0.2): 1.08   [0.2, 1): 1.01   [1, 5): 1.00
+    sigma in [0.002, 0.01): 1.03   [0.01, 0.05): 1.11   [0.05, 0.2): 1.07   [0.2, 1): 1.00   [1, 5): 1.00
     [5, 80]: 1.00
-asserted <= 1.5 in every bucket; the untrained teacher (the optimal denoiser of N(0, sd^2 I)) is 1.9-7x off in the
-small-sigma buckets, so the bound can fail.
+asserted <= 1.3 in every bucket. The untrained teacher (F = 0: the optimal denoiser of N(0, sd^2 I)) measures
+1.02, 1.44, 1.60, 1.04, 1.00, 1.00, so 1.3 separates the two (1.5 would barely).
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ def test_toy2d_teacher_close_to_exact_denoiser(tmp_path):
                    "+data.num_samples=16384", "data.batch_size=256", "train_teacher.max_steps=600",
                    "train_teacher.backbone.width=64", "train_teacher.backbone.num_blocks=2", "train_teacher.lr=2e-3",
                    "train_teacher.warmup_steps=50", "train_teacher.ema_decay=0.99", "logger.kind=csv",
+                   "+trainer.limit_val_batches=2",
                    "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"])
     path = train(cfg)
     assert path == run_dir / "teacher.pt" and path.is_file()
@@ -165,10 +166,10 @@ def test_toy2d_teacher_close_to_exact_denoiser(tmp_path):
     edges = [0.002, 0.01, 0.05, 0.2, 1.0, 5.0, 80.0]
     ratios = _bucket_ratios(den, gmm, edges)
     print("teacher/exact denoiser error per sigma bucket:", dict(zip(edges[:-1], [round(r, 3) for r in ratios])))
-    assert all(r <= 1.5 for r in ratios), ratios
+    assert all(r <= 1.3 for r in ratios), ratios
     assert all(r >= 0.97 for r in ratios), ratios  # the exact denoiser is optimal: below 1 only by MC noise
     untrained = _bucket_ratios(EDMDenoiser.build((2,), sigma_data=gmm.sigma_data), gmm, edges)
-    assert max(untrained) > 1.5, untrained  # the bound discriminates
+    assert max(untrained) > 1.3, untrained  # the bound discriminates
     # the Lightning checkpoint holds the same (EMA) weights as teacher.pt
     from_ckpt = load_teacher(run_dir / "checkpoints" / "last.ckpt")
     x = torch.randn(16, 2)
@@ -216,6 +217,8 @@ def test_conditional_teacher_null_token():
         ex_uncond = mix(x, s)
         rms = lambda a, b: (a - b).pow(2).sum(1).mean().sqrt().item()  # noqa: E731
         gap = rms(ex_cond, ex_uncond)
+        print(f"sigma {s}: rmse cond {rms(d_cond, ex_cond):.3f} uncond {rms(d_uncond, ex_uncond):.3f} exact gap "
+              f"{gap:.3f} model gap {rms(d_cond, d_uncond):.3f}")
         assert rms(d_cond, ex_cond) < 0.25 * gap and rms(d_uncond, ex_uncond) < 0.25 * gap
         assert abs(rms(d_cond, d_uncond) / gap - 1) < 0.2
 

@@ -149,7 +149,8 @@ def smc_step(
 class SMCResult:
     """Output of an SMC run.
 
-    samples           `[N, *shape]` final particles (the returned points, e.g. denoised)
+    samples           `[N, *shape]` final particles (the returned points, e.g. denoised); zero-weight particles are
+                      replaced by copies of the heaviest one (weight still zero), so no sample is NaN or infeasible
     log_weights       `[N]` float64 normalised log-weights (logsumexp = 0); -inf for dropped particles
     log_Z             estimate of log Z (the final target's normaliser, relative to the energies as given)
     log_Z_var         estimated Var(log Z_hat) (Lee & Whiteley genealogy estimator; see `num_eves`)
@@ -307,6 +308,12 @@ def run_smc(
         infos.append(info)
     final = Weights(state.log_w)
     samples = fk.finalize(state.particles) if hasattr(fk, "finalize") else state.particles.x
+    dead = final.lw == -math.inf
+    if bool(dead.any()):
+        # zero-weight particles (dropped, or outside a hard constraint) are returned as copies of the heaviest
+        # particle, still with weight zero: estimates are unchanged and no returned point is NaN or infeasible
+        samples = samples.clone()
+        samples[dead] = samples[int(torch.argmax(final.lw))].clone()
     # Lee & Whiteley (2018) genealogy variance estimate of Z_hat / Z
     s = torch.zeros(n, dtype=torch.float64).index_add_(0, state.eve.to(torch.long).cpu(), final.W.cpu())
     num_eves = int((s > 0).sum())

@@ -31,6 +31,13 @@ whose Hamiltonian error exceeds `divergence_threshold` nats are counted as diver
 
 All randomness comes from the `generator` argument, drawn for the whole population at once. No autograd graph is
 kept: positions are detached and `logdensity_fn` is expected to return detached tensors (see `target_logdensity`).
+
+Interface (blackjax style: the kernel is pure, the adaptation state is carried by the caller):
+    kernel = HMC(num_steps=1, num_leapfrog=3, step_size=None, target_accept=0.65, damping=0.0)   # keyword-only
+    state = kernel.init_state()                                       # MCMCState (frozen): log c and last numbers
+    x, state, info = kernel(x, logdensity_fn, generator=g, state=state, logp=None, grad=None)
+    x, state, infos = run(kernel, x0, logdensity_fn, num_iters=..., generator=g)          # standalone driver
+`info.logp` / `info.grad` are the values at the returned positions: pass them to the next call to save an evaluation.
 """
 
 from __future__ import annotations

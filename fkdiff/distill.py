@@ -109,7 +109,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> StudentRun:
-    from fkdiff.distillation import DistillationModule, denoiser_error_by_bucket
+    from fkdiff.distillation import DistillationModule, FinalCheckpoint, denoiser_error_by_bucket
     from fkdiff.energy import save_student
     from fkdiff.training import build_logger, build_trainer, resolve_ckpt_path
 
@@ -138,7 +138,8 @@ def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> Stud
     if dcfg.get("checkpoint_every_n_steps"):
         tr["checkpoint_every_n_steps"] = int(dcfg.checkpoint_every_n_steps)
     logger = build_logger(cfg.logger, sub, name=f"distill-{cfg.data.name}-{name}", config=_container(cfg))
-    trainer = build_trainer(tr, sub, logger=logger, ema_decay=dcfg.get("ema_decay"))
+    trainer = build_trainer(tr, sub, logger=logger, ema_decay=dcfg.get("ema_decay"),
+                            callbacks=[FinalCheckpoint()])
     ckpt = resolve_ckpt_path(dcfg.get("ckpt_path"), sub)
     trainer.fit(module, ckpt_path=ckpt)
     _finish_wandb(logger)

@@ -34,7 +34,7 @@ from fkdiff.diffusion import append_dims, edm_loss_weight, ode_derivative, sampl
 from fkdiff.energy import EnergyStudent
 
 __all__ = ["step_seed", "DenoiserMatchingLoss", "LossOutput", "teacher_asymmetry", "denoiser_error_by_bucket",
-           "bucketize", "StepBatches", "DistillationModule", "euler_sample"]
+           "bucketize", "StepBatches", "DistillationModule", "FinalCheckpoint", "euler_sample"]
 
 
 def step_seed(seed: int, step: int, rank: int = 0, stream: str = "noise") -> int:
@@ -243,6 +243,23 @@ class StepBatches(IterableDataset):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Lightning module
+
+
+class FinalCheckpoint(pl.Callback):
+    """Save `last.ckpt` at the final step before EMAWeightAveraging copies the average into the model.
+
+    Lightning's ModelCheckpoint writes `last.ckpt` in its own on_train_end when the session saved none yet, but it
+    runs after EMAWeightAveraging.on_train_end, so that file's "raw" weights would be the EMA weights and a later
+    `ckpt_path=last` would not continue the run exactly. This callback (placed before the EMA callback) asks every
+    ModelCheckpoint to save its last checkpoint first, which also marks it saved so nothing overwrites it.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_global_step_saved != trainer.global_step:
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
 
 
 class _FrozenRef:

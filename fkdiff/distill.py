@@ -130,6 +130,8 @@ def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> Stud
     tr = _container(cfg.trainer)
     if dcfg.get("max_steps"):
         tr["max_steps"] = int(dcfg.max_steps)
+    if dcfg.get("gradient_clip_val") is not None:
+        tr["gradient_clip_val"] = float(dcfg.gradient_clip_val)
     tr.setdefault("val_check_interval", int(dcfg.val_every_n_steps))
     tr.setdefault("check_val_every_n_epoch", None)
     tr.setdefault("num_sanity_val_steps", 0)

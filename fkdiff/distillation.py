@@ -13,8 +13,9 @@ Diagnostics, per sigma bucket:
 - the teacher's Jacobian asymmetry |J - J^T|_F^2, J = d s_teacher / dx, by Hutchinson: E_v |J v - J^T v|^2 with
   v ~ N(0, I), one jvp and one vjp per probe (Thornton et al. fig. 4); zero for a conservative teacher.
 
-Determinism: the noise and sigma of global step k are drawn from a generator seeded by (seed, k, rank), and the batch
-of step k is a pure function of (seed, k) (`StepBatches`), so `ckpt_path=last` resumes the exact trajectory.
+Determinism (EDM style: sample i depends on the seed only, not on the process count): the global batch of step k is
+a pure function of (seed, k) (`StepBatches`), and so are its sigma and eps, drawn for the whole global batch and
+sliced per rank. `ckpt_path=last` therefore resumes the exact trajectory, and N DDP processes reproduce one process.
 This is the only module of the distillation path that imports Lightning.
 """
 

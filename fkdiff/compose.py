@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fkdiff.diffusion import as_sigma, denoiser_from_score
 from fkdiff.targets import has_energy
+from fkdiff.targets import energy_and_score as _energy_and_score
 from fkdiff.targets import score as _score
 
 __all__ = ["Composed", "Product", "Mixture", "Negation", "Tempered", "Conditional",
@@ -64,6 +65,16 @@ class Composed:
     def score(self, x: Tensor, sigma: float | Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def energy_and_score(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+        """(energy `[B]`, score `[B, *event]`) evaluating each component once (what SMC and MCMC call)."""
+        s = as_sigma(sigma, x)
+        parts = [_energy_and_score(t, x, s) for t in self.components]
+        coef = self._coefficients()
+        return (sum(c * e for c, (e, _) in zip(coef, parts)), sum(c * g for c, (_, g) in zip(coef, parts)))
+
+    def _coefficients(self) -> tuple[float, ...]:  # pragma: no cover - overridden by linear operators
+        raise NotImplementedError
+
     def log_prob(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """-energy (unnormalised unless the components and the operator preserve normalisation)."""
         return -self.energy(x, sigma)
@@ -88,6 +99,9 @@ class Product(Composed):
     def score(self, x, sigma):
         s = as_sigma(sigma, x)
         return sum(_score(t, x, s) for t in self.components)
+
+    def _coefficients(self):
+        return (1.0,) * len(self.components)
 
 
 class Mixture(Composed):
@@ -116,15 +130,27 @@ class Mixture(Composed):
         s = as_sigma(sigma, x)
         with torch.no_grad():
             r = torch.softmax(self._logits(x, s), 1)  # [B, K] responsibilities
+        return self._weighted(r, x, lambda k: _score(self.components[k], x, s))
+
+    def energy_and_score(self, x, sigma):
+        s = as_sigma(sigma, x)
+        parts = [_energy_and_score(t, x, s) for t in self.components]
+        e = torch.stack([p[0] for p in parts], 1)
+        logits = self.log_weights.to(device=e.device, dtype=e.dtype)[None] - e
+        return -torch.logsumexp(logits, 1), self._weighted(torch.softmax(logits, 1), x, lambda k: parts[k][1])
+
+    @staticmethod
+    def _weighted(r: Tensor, x: Tensor, score_k) -> Tensor:
+        """sum_k r_k s_k; a component with zero responsibility contributes nothing (even if its score is inf)."""
         r = torch.nan_to_num(r, nan=0.0)
         out = torch.zeros_like(x)
-        for k, t in enumerate(self.components):
+        shape = (-1, *([1] * (x.ndim - 1)))
+        for k in range(r.shape[1]):
             rk = r[:, k]
-            nz = rk > 0  # a component with zero responsibility contributes nothing (even if its score is inf)
+            nz = rk > 0
             if nz.any():
-                sk = _score(t, x, s)
-                out = out + torch.where(nz.reshape(-1, *([1] * (x.ndim - 1))),
-                                        rk.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * sk, torch.zeros_like(x))
+                out = out + torch.where(nz.reshape(shape), rk.to(x.dtype).reshape(shape) * score_k(k),
+                                        torch.zeros_like(x))
         return out
 
 
@@ -147,6 +173,9 @@ class Negation(Composed):
         b, o = self.components
         return _score(b, x, s) - self.alpha * _score(o, x, s)
 
+    def _coefficients(self):
+        return (1.0, -self.alpha)
+
 
 class Tempered(Composed):
     """p^beta: energy beta E, score beta s."""
@@ -162,6 +191,9 @@ class Tempered(Composed):
 
     def score(self, x, sigma):
         return self.beta * _score(self.components[0], x, as_sigma(sigma, x))
+
+    def _coefficients(self):
+        return (self.beta,)
 
 
 class Conditional(Composed):
@@ -186,6 +218,9 @@ class Conditional(Composed):
         s = as_sigma(sigma, x)
         su = _score(self.uncond, x, s)
         return su + sum(w * (_score(c, x, s) - su) for w, c in zip(self.weights, self.conds))
+
+    def _coefficients(self):
+        return (1.0 - sum(self.weights), *self.weights)
 
 
 def product(*targets) -> Product:

@@ -43,7 +43,7 @@ Interface (blackjax style: the kernel is pure, the adaptation state is carried b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -149,11 +149,12 @@ def _bcast(mask: Tensor, x: Tensor) -> Tensor:
     return mask.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Kernel:
     """Shared plumbing: step-size choice, adaptation, acceptance bookkeeping. Subclasses implement `_move`."""
 
     num_steps: int = 1
+    _: KW_ONLY
     step_size: float | None = None
     target_accept: float = 0.65
     init_scale: float = 0.5
@@ -237,13 +238,14 @@ class Kernel:
         return prob, ok & (u < prob)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class HMC(Kernel):
     """Metropolis-corrected HMC (Du et al. alg. 2), partial momentum refresh with `damping` (alg. 3)."""
 
     num_leapfrog: int = 3
+    _: KW_ONLY
     damping: float = 0.0
-    target_accept: float = 0.65
+    target_accept: float = 0.7  # Du et al. appendix C.2 tune HMC to about 70% acceptance
 
     def __post_init__(self):
         super().__post_init__()
@@ -284,14 +286,14 @@ class HMC(Kernel):
         return x, logp, grad, acc, mh_sum / k, k * self.num_leapfrog, n_div, n_bad
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class UHMC(HMC):
     """Unadjusted HMC (no Metropolis step; approximate; Du et al. appendix C.1, Geffner & Domke 2021)."""
 
     adjusted = False
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class MALA(Kernel):
     """Metropolis-adjusted Langevin: x' = x + (eps^2/2) grad logp(x) + eps z, MH-corrected per particle."""
 
@@ -323,7 +325,7 @@ class MALA(Kernel):
         return x, logp, grad, acc, mh_sum / k, k, n_div, n_bad
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class ULA(MALA):
     """Unadjusted Langevin: the MALA move always taken (approximate, biased at finite step; Du et al. eq. 4)."""
 

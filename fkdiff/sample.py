@@ -18,6 +18,18 @@ Writes to the run folder: `config.yaml`, `samples.pt` (samples, log-weights, equ
 `diagnostics.json` (log Z with its standard error, min ESS, unique ancestors, acceptance per level, ...),
 `samples.png` (2D: weighted particles over the target density exp(-E(x, sigma_min)), beside naive reverse
 diffusion; images: a grid) and `diagnostics.png` (ESS, unique ancestors and acceptance per level).
+
+Many processes (GPUs, nodes): launched with WORLD_SIZE > 1 in the environment (torchrun sets it), the CLI initialises
+the process group (nccl with cuda:LOCAL_RANK when `sample.device` is cuda, gloo on CPU), shards the N particles over
+the ranks with `fkdiff.smc.distributed.sample` (global resampling; `sample.island=true` for island resampling) and
+writes the files on rank 0 only (with all N samples):
+
+    torchrun --standalone --nproc_per_node=8 -m fkdiff.sample recipe=toy2d sample.device=cuda   # one node, 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 --rdzv_id=job1 \
+        -m fkdiff.sample recipe=toy2d sample.device=cuda                                   # run on each node
+    srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 --rdzv_id=$SLURM_JOB_ID \
+        -m fkdiff.sample recipe=toy2d sample.device=cuda                                   # SLURM
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -65,6 +78,9 @@ class Conditioned:
 
     def score(self, x, sigma):
         return self.model.score(x, sigma, cond=self._cond(x))
+
+    def energy_and_grad(self, x, sigma):
+        return self.model.energy_and_grad(x, sigma, cond=self._cond(x))
 
     def __call__(self, x, sigma, cond=None):
         return self.model(x, sigma, cond=self._cond(x) if cond is None else cond)
@@ -163,10 +179,16 @@ def run(cfg: DictConfig) -> dict:
     from fkdiff.training import save_config  # noqa: F401  (lightweight; no trainer is built)
 
     s = OmegaConf.to_container(cfg.sample, resolve=True)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     device = torch.device(s.get("device") or "cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    owns_group = False
+    if world_size > 1:
+        device, owns_group = _init_distributed(device)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    run_dir = Path(cfg.run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if not s.get("models"):
         raise ValueError("sample.models is empty: name at least one model (see `python -m fkdiff.sample --help`)")
     models = {name: load_model(spec, device) for name, spec in s["models"].items()}
@@ -174,15 +196,24 @@ def run(cfg: DictConfig) -> dict:
     proposal = parse_expression(s["proposal"], models) if s.get("proposal") else None
     shape = tuple(s.get("shape") or _infer_shape(models))
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    result = smc.sample(
+    sampler, extra = smc.sample, {}
+    if world_size > 1:
+        sampler, extra = smc.distributed.sample, {"island": bool(s.get("island", False)), "gather": True}
+    result = sampler(
         target, int(s["num_particles"]), shape=shape, num_steps=int(s["num_steps"]),
         sigma_max=float(s["sigma_max"]), sigma_min=float(s["sigma_min"]), proposal=proposal,
         potentials=_potentials(s, target), mcmc=build_mcmc(s.get("mcmc")), resample=s.get("resample", "systematic"),
         ess_threshold=float(s.get("ess_threshold", 0.5)), mode=s.get("mode", "sampler"),
         final_denoise=bool(s.get("final_denoise", True)), generator=gen, device=device,
         max_batch=s.get("max_batch"), progress=bool(s.get("progress", True)),
-        init_std=s.get("init_std"),
+        init_std=s.get("init_std"), **extra,
     )
+    if world_size > 1:
+        result = result.full()  # all N samples (gathered on every rank); only rank 0 writes
+        if owns_group:
+            torch.distributed.destroy_process_group()
+        if not is_main:
+            return dict(result.summary(), world_size=world_size)
     equal = result.resample(gen)
     torch.save({"samples": result.samples.cpu(), "log_weights": result.log_weights.cpu(),
                 "resampled": equal.cpu()}, run_dir / "samples.pt")
@@ -191,7 +222,8 @@ def run(cfg: DictConfig) -> dict:
                 ess=result.ess.tolist(), unique_ancestors=result.unique_ancestors.tolist(),
                 resampled=result.resampled.tolist(), num_invalid=result.num_invalid.tolist(),
                 acceptance=None if result.acceptance is None else result.acceptance.tolist(),
-                sigmas=None if result.sigmas is None else result.sigmas.tolist(), warnings=list(result.warnings))
+                sigmas=None if result.sigmas is None else result.sigmas.tolist(), warnings=list(result.warnings),
+                world_size=world_size)
     baseline = None
     if s.get("compare_reverse_diffusion", True) and len(shape) == 1 and shape[0] == 2:
         from fkdiff.samplers import reverse_diffusion
@@ -206,6 +238,21 @@ def run(cfg: DictConfig) -> dict:
     print(f"[fkdiff.sample] {s['target']}: log Z = {result.log_Z:.4f} +- {result.log_Z_se:.4f}, "
           f"min ESS = {result.min_ess:.1f}/{result.num_particles}, results in {run_dir}")
     return diag
+
+
+def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
+    """Join the process group torchrun / srun describe in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT): nccl on this rank's GPU cuda:LOCAL_RANK when `device` is CUDA, gloo otherwise.
+    Returns (this rank's device, whether this call created the group)."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
 
 
 def _infer_shape(models: Mapping[str, Any]) -> tuple:

@@ -86,21 +86,34 @@ def score(obj: Any, x: Tensor, sigma: float | Tensor, *, max_batch: int | None =
     return chunked(lambda xc, sc: _score_one(obj, xc, sc), x, s, max_batch)
 
 
+def _energy_and_score_one(obj: Any, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """(E, score) of one chunk, with the fewest network passes the object allows."""
+    fused = getattr(obj, "energy_and_score", None)
+    if callable(fused):  # compositions: each component evaluated once
+        e, sc = fused(x, s)
+        return _check_energy(e, x, obj).detach(), sc.detach()
+    fused = getattr(obj, "energy_and_grad", None)
+    if callable(fused):  # energy students: one forward + one backward
+        e, g = fused(x, s)
+        return _check_energy(e, x, obj).detach(), -g.detach()
+    if callable(getattr(obj, "score", None)):  # analytic teachers: closed-form score
+        with torch.no_grad():
+            e = _check_energy(obj.energy(x, s), x, obj)
+        return e.detach(), _score_one(obj, x, s)
+    with torch.enable_grad():  # energy only: autograd
+        xg = x.detach().requires_grad_(True)
+        e = _check_energy(obj.energy(xg, s), x, obj)
+        (g,) = torch.autograd.grad(e.sum(), xg)
+    return e.detach(), -g.detach()
+
+
 def energy_and_score(obj: Any, x: Tensor, sigma: float | Tensor, *, max_batch: int | None = None) -> tuple[Tensor, Tensor]:
-    """(E `[N]`, score `[N, *event]`) with one forward+backward per chunk when the score comes from autograd."""
+    """(E `[N]`, score `[N, *event]`) in one pass where possible.
+
+    Uses, in order: the object's own `energy_and_score(x, sigma)` (compositions), `energy_and_grad(x, sigma)`
+    (energy students: one forward and one backward), `energy` + closed-form `score` (analytic teachers), or
+    autograd of `energy`. Never a separate forward for the energy when the score needs one anyway.
+    """
     if not has_energy(obj):
         raise TypeError(f"{type(obj).__name__} has no energy(x, sigma) method; SMC weights need energies")
-    s = as_sigma(sigma, x)
-
-    def fn(xc, sc):
-        if callable(getattr(obj, "score", None)):
-            with torch.no_grad():
-                e = _check_energy(obj.energy(xc, sc), xc, obj)
-            return e.detach(), _score_one(obj, xc, sc)
-        with torch.enable_grad():
-            xg = xc.detach().requires_grad_(True)
-            e = _check_energy(obj.energy(xg, sc), xc, obj)
-            (g,) = torch.autograd.grad(e.sum(), xg)
-        return e.detach(), -g.detach()
-
-    return chunked(fn, x, s, max_batch)
+    return chunked(lambda xc, sc: _energy_and_score_one(obj, xc, sc), x, as_sigma(sigma, x), max_batch)

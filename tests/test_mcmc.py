@@ -317,5 +317,8 @@ def test_validation():
         mcmc.MALA(step_size=-1.0)
     with pytest.raises(ValueError):
         mcmc.MALA(target_accept=1.5)
+    # the public signature HMC(num_steps, num_leapfrog, step_size=None, ...): the first two positional, rest keyword
+    assert (mcmc.HMC(2, 5).num_steps, mcmc.HMC(2, 5).num_leapfrog) == (2, 5)
+    assert mcmc.HMC().target_accept == 0.7  # Du et al. appendix C.2
     with pytest.raises(TypeError):
-        mcmc.HMC(1, 3)  # keyword-only: positional order would be ambiguous across kernels
+        mcmc.HMC(1, 3, 0.1)

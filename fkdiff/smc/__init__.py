@@ -6,7 +6,8 @@
 Layers: `resampling` (schemes under one signature + registry), `weights` (log-space normalisation, ESS),
 `fk` (the Feynman–Kac protocol M0 / M_t / log G_t), `diffusion_fk` (the model built from a target, a proposal score
 field and potentials), `potentials` (Box, LowTemperature, generic log-potentials), `core` (the pure SMC step and the
-loop). `sample` below only builds the diffusion FK model and runs the loop.
+loop). `sample` below only builds the diffusion FK model and runs the loop. `distributed.sample` is the same sampler
+with the particles sharded over `torch.distributed` ranks (DESIGN.md section 7).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from fkdiff.diffusion import sigma_schedule
-from fkdiff.smc.core import SMCDegeneracyWarning, SMCError, SMCResult, SMCState, StepInfo, run_smc, smc_step
+from fkdiff.smc.core import (Population, SMCDegeneracyWarning, SMCError, SMCResult, SMCState, StepInfo, run_smc,
+                             smc_step)
 from fkdiff.smc.diffusion_fk import DiffusionFK
 from fkdiff.smc.fk import FeynmanKac, MCMCTarget, Particles
 from fkdiff.smc.potentials import Box, Level, LogPotential, LowTemperature, Potential, log_ndtr_diff
@@ -24,7 +26,8 @@ from fkdiff.smc.resampling import RESAMPLERS, get_resampler, multinomial, residu
 from fkdiff.smc.weights import Weights
 
 __all__ = [
-    "sample", "SMCResult", "SMCError", "SMCDegeneracyWarning", "SMCState", "StepInfo", "smc_step", "run_smc",
+    "sample", "distributed", "SMCResult", "SMCError", "SMCDegeneracyWarning", "SMCState", "StepInfo", "smc_step",
+    "run_smc", "Population",
     "DiffusionFK", "FeynmanKac", "MCMCTarget", "Particles",
     "Box", "Level", "LogPotential", "LowTemperature", "Potential", "log_ndtr_diff",
     "RESAMPLERS", "get_resampler", "multinomial", "residual", "stratified", "systematic", "Weights",
@@ -79,14 +82,24 @@ def sample(
     Returns an `SMCResult` (samples, normalised log-weights, log Z and its variance, per-level ESS, resampling,
     unique ancestors, MCMC acceptance, nfe, wall time; `.resample(generator)` for equally weighted samples).
     """
+    if device is None and generator is not None:
+        device = generator.device
+    fk = _diffusion_fk(target, shape=shape, num_steps=num_steps, sigma_max=sigma_max, sigma_min=sigma_min,
+                       sigmas=sigmas, rho=rho, proposal=proposal, potentials=potentials, mode=mode,
+                       final_denoise=final_denoise, proposal_variance=proposal_variance, init_std=init_std,
+                       max_batch=max_batch, dtype=dtype, eval_dtype=eval_dtype, device=device)
+    return run_smc(fk, num_particles, generator=generator, resample=resample, ess_threshold=ess_threshold,
+                   mcmc=mcmc, progress=progress)
+
+
+def _diffusion_fk(target: Any, *, shape, num_steps: int, sigma_max: float, sigma_min: float,
+                  sigmas: torch.Tensor | None, rho: float, **kwargs) -> DiffusionFK:
+    """The DiffusionFK model `sample` runs (shared with `fkdiff.smc.distributed.sample`)."""
     if sigmas is None:
         sigmas = sigma_schedule(int(num_steps), float(sigma_min), float(sigma_max), rho=rho, dtype=torch.float64)
     elif len(sigmas) != num_steps:
         raise ValueError(f"sigmas has {len(sigmas)} levels but num_steps={num_steps}")
-    if device is None and generator is not None:
-        device = generator.device
-    fk = DiffusionFK(target, sigmas, shape=shape, proposal=proposal, potentials=potentials, mode=mode,
-                     final_denoise=final_denoise, proposal_variance=proposal_variance, init_std=init_std,
-                     max_batch=max_batch, dtype=dtype, eval_dtype=eval_dtype, device=device)
-    return run_smc(fk, num_particles, generator=generator, resample=resample, ess_threshold=ess_threshold,
-                   mcmc=mcmc, progress=progress)
+    return DiffusionFK(target, sigmas, shape=shape, **kwargs)
+
+
+from fkdiff.smc import distributed  # noqa: E402  (multi-process SMC; imports this package's names lazily)

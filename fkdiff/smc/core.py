@@ -19,6 +19,10 @@ resampling (Du & Guyader 2021):  Var(Z_hat) / Z_hat^2 ≈ 1 - (N/(N-1))^{m+1} (1
 of resampling events and S_i the final normalised weight descending from initial particle i; Var(log Z_hat) is
 approximated by the same number (delta method). It degenerates when few initial particles have descendants left
 (`num_eves` small); then it is unreliable (reported, with a warning).
+
+Population hooks: the step touches the whole population only through a `Population` (gather the N log-weights,
+keep this process's rows, move particles to their ancestors' places, read one particle). The default keeps all N
+particles in this process; `fkdiff.smc.distributed` shards them over `torch.distributed` ranks with the same loop.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from fkdiff.smc.fk import FeynmanKac, Particles
 from fkdiff.smc.resampling import get_resampler
 from fkdiff.smc.weights import Weights
 
-__all__ = ["SMCError", "SMCDegeneracyWarning", "SMCState", "StepInfo", "SMCResult", "smc_step", "run_smc"]
+__all__ = ["SMCError", "SMCDegeneracyWarning", "SMCState", "StepInfo", "SMCResult", "Population", "smc_step",
+           "run_smc"]
 
 
 class SMCError(RuntimeError):
@@ -72,6 +77,42 @@ class StepInfo(NamedTuple):
     num_evals: float  # evaluations per particle at this level (propagation + MCMC)
 
 
+class Population:
+    """Population-level operations of the SMC step, all N particles in this process.
+
+    Subclasses (`fkdiff.smc.distributed.ShardedPopulation`) hold a shard of the particles per process; every method
+    is then a collective that all processes call in the same order, and every returned global value is identical on
+    all of them. Rows are in global particle order (process 0's shard first).
+    """
+
+    def local_size(self, num_particles: int) -> int:
+        """Particles held here `n` when the population has `num_particles` (N) in all."""
+        return num_particles
+
+    def offset(self, num_particles: int) -> int:
+        """Global index of this process's first particle."""
+        return 0
+
+    def gather(self, t: Tensor) -> Tensor:
+        """`[n, ...]` rows held here -> `[N, ...]` rows of the whole population."""
+        return t
+
+    def shard(self, t: Tensor) -> Tensor:
+        """`[N, ...]` rows of the whole population -> `[n, ...]` rows held here."""
+        return t
+
+    def select(self, particles: Particles, eve: Tensor, ancestors: Tensor) -> tuple[Particles, Tensor]:
+        """Resampling move: the rows held here become the global `ancestors` `[N]` of them (global indices)."""
+        return particles.index(ancestors), eve[ancestors]
+
+    def row(self, t: Tensor, index: int) -> Tensor:
+        """Row `index` (global) of the population's `t` `[n, ...]`, available here."""
+        return t[index]
+
+
+LOCAL = Population()
+
+
 def _mcmc_step_size(mstate: Any, info: Any) -> float:
     for obj, name in ((info, "step_size"), (mstate, "step_size")):
         v = getattr(obj, name, None)
@@ -90,6 +131,8 @@ def smc_step(
     resampler,
     ess_threshold: float,
     mcmc: Any = None,
+    population: Population | None = None,
+    resample_generator: torch.Generator | None = None,
 ) -> tuple[SMCState, StepInfo]:
     """One SMC level: M_t (propagate), G_t (weight), R_t (adaptive resampling), then optional MCMC move K_t.
 
@@ -98,7 +141,10 @@ def smc_step(
     resampler     resample(log_weights [N], num, generator) -> ancestors [num]
     ess_threshold resample when ESS < ess_threshold * N (>= 1: every level; 0: never)
     mcmc          kernel(x, logdensity_fn, *, generator, state, logp, grad) -> (x, state, info), or None
+    population    where the particles live (default: all here); `num_particles` is the number held here
+    resample_generator  draws the ancestors (default: generator); must be identical on all processes when sharded
     """
+    pop = LOCAL if population is None else population
     n = num_particles
     prev = state.particles
     cur = fk.M0(n, generator) if t == 0 else fk.M(t, prev, generator)
@@ -106,6 +152,10 @@ def smc_step(
     prev_lw = state.log_w
     # particles already dead stay dead (their log G may be NaN: -inf - -inf); they are not counted again
     lw = torch.where(prev_lw == -math.inf, prev_lw, prev_lw + log_g)
+    if pop is not LOCAL:  # one collective for both weight vectors of the whole population
+        both = pop.gather(torch.stack([prev_lw, lw], 1))
+        prev_lw, lw = both[:, 0].contiguous(), both[:, 1].contiguous()
+    n = lw.numel()  # N, the whole population
     w = Weights(lw)
     sigma = getattr(fk, "sigmas", None)
     where = f"level {t}" + (f" (sigma = {float(sigma[t]):.6g})" if sigma is not None else "")
@@ -115,12 +165,12 @@ def smc_step(
             "rest had weight zero (e.g. every particle violates a hard constraint)"
         )
     log_Z = state.log_Z + w.log_norm - float(torch.logsumexp(prev_lw, 0))
-    lw = w.lw  # sanitised: NaN/+inf -> -inf, so nothing invalid is carried to the next level
+    lw = pop.shard(w.lw)  # sanitised: NaN/+inf -> -inf, so nothing invalid is carried to the next level
     particles, eve, num_res = cur, state.eve, state.num_resampled
     resampled = ess_threshold >= 1.0 or w.ess < ess_threshold * n
     if resampled:
-        anc = resampler(w.lw, n, generator)
-        particles, eve = cur.index(anc), eve[anc]
+        anc = resampler(w.lw, n, generator if resample_generator is None else resample_generator)
+        particles, eve = pop.select(cur, eve, anc)
         lw = torch.zeros_like(lw)
         num_res += 1
         unique = int(torch.unique(anc).numel())
@@ -135,6 +185,9 @@ def smc_step(
         particles = target.particles_at(x_new.detach())
         alive = lw > -math.inf
         a = info.acceptance.detach().double()
+        if pop is not LOCAL:
+            both = pop.gather(torch.stack([a, alive.to(a.dtype)], 1))
+            a, alive = both[:, 0].contiguous(), both[:, 1] > 0
         acc = float(a[alive].mean()) if alive.any() else math.nan
         step = _mcmc_step_size(mstate, info)
         evals += float(info.num_evals) + float(getattr(target, "extra_evals", 0.0))
@@ -272,12 +325,18 @@ def run_smc(
     mcmc: Any = None,
     progress: bool = False,
     collapse_fraction: float = 0.02,
+    population: Population | None = None,
+    resample_generator: torch.Generator | None = None,
 ) -> SMCResult:
     """Run SMC on any Feynman–Kac model through its T levels and collect the diagnostics (see `SMCResult`).
 
     Warns (SMCDegeneracyWarning) when the minimum ESS, the unique-ancestor count or the number of surviving level-0
     ancestors falls below max(2, collapse_fraction * N).
+
+    With a sharded `population` (fkdiff.smc.distributed), `num_particles` is the global N, the returned `samples` and
+    `log_weights` are this process's rows (normalised over all N) and every diagnostic is global.
     """
+    pop = LOCAL if population is None else population
     n = int(num_particles)
     if n < 2:
         raise ValueError(f"num_particles must be >= 2, got {num_particles}")
@@ -288,11 +347,12 @@ def run_smc(
     resampler = get_resampler(resample)
     t0 = time.perf_counter()
     device = getattr(fk, "device", None)
+    n_here, first = pop.local_size(n), pop.offset(n)
     state = SMCState(
         particles=None,
-        log_w=torch.zeros(n, dtype=torch.float64, device=device),
+        log_w=torch.zeros(n_here, dtype=torch.float64, device=device),
         log_Z=0.0,
-        eve=torch.arange(n, device=device),
+        eve=torch.arange(first, first + n_here, device=device),
         num_resampled=0,
         mcmc_state=mcmc.init_state() if mcmc is not None and hasattr(mcmc, "init_state") else None,
     )
@@ -303,19 +363,21 @@ def run_smc(
         levels = tqdm(levels, desc="SMC", leave=False)
     infos: list[StepInfo] = []
     for t in levels:
-        state, info = smc_step(fk, t, state, num_particles=n, generator=generator, resampler=resampler,
-                               ess_threshold=ess_threshold, mcmc=mcmc)
+        state, info = smc_step(fk, t, state, num_particles=n_here, generator=generator, resampler=resampler,
+                               ess_threshold=ess_threshold, mcmc=mcmc, population=pop,
+                               resample_generator=resample_generator)
         infos.append(info)
-    final = Weights(state.log_w)
+    final = Weights(pop.gather(state.log_w))
     samples = fk.finalize(state.particles) if hasattr(fk, "finalize") else state.particles.x
-    dead = final.lw == -math.inf
-    if bool(dead.any()):
+    if bool((final.lw == -math.inf).any()):
         # zero-weight particles (dropped, or outside a hard constraint) are returned as copies of the heaviest
         # particle, still with weight zero: estimates are unchanged and no returned point is NaN or infeasible
+        heaviest = pop.row(samples, int(torch.argmax(final.lw))).clone()
         samples = samples.clone()
-        samples[dead] = samples[int(torch.argmax(final.lw))].clone()
+        samples[pop.shard(final.lw) == -math.inf] = heaviest
     # Lee & Whiteley (2018) genealogy variance estimate of Z_hat / Z
-    s = torch.zeros(n, dtype=torch.float64).index_add_(0, state.eve.to(torch.long).cpu(), final.W.cpu())
+    eve = pop.gather(state.eve)
+    s = torch.zeros(n, dtype=torch.float64).index_add_(0, eve.to(torch.long).cpu(), final.W.cpu())
     num_eves = int((s > 0).sum())
     rel_var = 1.0 - (n / (n - 1)) ** (state.num_resampled + 1) * (1.0 - float((s**2).sum()))
     ess = torch.tensor([i.ess for i in infos], dtype=torch.float64)
@@ -327,7 +389,7 @@ def run_smc(
     with_mcmc = mcmc is not None
     return SMCResult(
         samples=samples.detach(),
-        log_weights=final.log_W,
+        log_weights=pop.shard(final.log_W),
         log_Z=state.log_Z,
         log_Z_var=max(rel_var, 0.0),
         ess=ess,

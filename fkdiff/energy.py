@@ -124,6 +124,12 @@ class EnergyStudent(nn.Module):
             e, grad = e.detach(), grad.detach()
         return e, grad
 
+    def energy_and_score(self, x: Tensor, sigma: float | Tensor, cond: Any = None,
+                         create_graph: bool | None = None) -> tuple[Tensor, Tensor]:
+        """(E `[B]`, -grad_x E `[B, *event]`) from one forward and one backward pass."""
+        e, grad = self.energy_and_grad(x, sigma, cond, create_graph)
+        return e, -grad
+
     def score(self, x: Tensor, sigma: float | Tensor, cond: Any = None, create_graph: bool | None = None) -> Tensor:
         """-grad_x E_theta(x, sigma). `[B, *event]`."""
         return -self.energy_and_grad(x, sigma, cond, create_graph)[1]

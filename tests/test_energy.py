@@ -86,6 +86,9 @@ def test_denoiser_is_c_skip_x_minus_c_out_grad_g(g, gen):
     u = (pc.c_in[:, None] * x).requires_grad_(True)
     (grad_g,) = torch.autograd.grad(st.g(u, pc.c_noise).sum(), u)
     torch.testing.assert_close(st(x, sigma), pc.c_skip[:, None] * x - pc.c_out[:, None] * grad_g)
+    e, sc = st.energy_and_score(x, sigma)
+    torch.testing.assert_close(e, st.energy(x, sigma))
+    torch.testing.assert_close(sc, st.score(x, sigma))
     # and D = x + sigma^2 score (Tweedie with the student's own score)
     torch.testing.assert_close(st(x, sigma), x + sigma[:, None] ** 2 * st.score(x, sigma))
 

@@ -11,6 +11,8 @@ The `sample:` section of a recipe names the models and a composition expression,
 
 Model kinds: `analytic` (teachers.presets, exact energies), `energy` (a distilled student file; `cond:` binds a
 condition), `teacher` (a denoiser via teachers.load_teacher: a score field only, usable as `proposal`).
+`sample.students=<distill run folder>` (or `latest`) swaps every analytic model for the student distilled from the
+same preset, so `python -m fkdiff.distill && python -m fkdiff.sample sample.students=latest` composes the students.
 The expression language is Python call syntax restricted to the model names, numbers, lists and the operators of
 `fkdiff.compose` (product, mixture, negation, tempered, conditional; DESIGN.md section 6); nothing else evaluates.
 
@@ -46,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fkdiff import compose as C
 
-__all__ = ["run", "load_model", "parse_expression", "build_mcmc", "Conditioned"]
+__all__ = ["run", "load_model", "use_students", "parse_expression", "build_mcmc", "Conditioned"]
 
 OPERATORS = {
     "product": C.product,
@@ -111,6 +113,37 @@ def load_model(spec: Mapping[str, Any], device: str | torch.device = "cpu") -> A
     if spec.get("cond") is not None:
         model = Conditioned(model, spec["cond"])
     return model
+
+
+def use_students(models: Mapping[str, Any], students: str, runs_root: str | Path = "runs/distill") -> dict:
+    """Replace every analytic model by the student distilled from the same preset in a `fkdiff.distill` run.
+
+    `students` is that run's folder, or `latest` for the newest folder under `runs_root` holding all the students
+    needed. A distill run stores the student of preset P as `<run>/<P>/student.pt`.
+    """
+    need = {name: spec["preset"] for name, spec in models.items() if spec.get("kind") == "analytic"}
+    if students == "latest":
+        root = Path(runs_root)
+        runs = sorted((d for d in root.glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+        found = [d for d in runs if all((d / p / "student.pt").is_file() for p in need.values())]
+        if not found:
+            raise FileNotFoundError(
+                f"sample.students=latest: no run under {root.resolve()} holds students for "
+                f"{sorted(set(need.values()))}; run `python -m fkdiff.distill` first or pass the run folder")
+        run_dir = found[0]
+    else:
+        run_dir = Path(students)
+    out = {}
+    for name, spec in models.items():
+        if name in need:
+            path = run_dir / need[name] / "student.pt"
+            if not path.is_file():
+                raise FileNotFoundError(f"sample.students={students}: {path} does not exist (students there: "
+                                        f"{sorted(p.parent.name for p in run_dir.glob('*/student.pt'))})")
+            out[name] = {"kind": "energy", "path": str(path), "cond": spec.get("cond")}
+        else:
+            out[name] = dict(spec)
+    return out
 
 
 def parse_expression(expr: str, models: Mapping[str, Any]) -> Any:
@@ -191,7 +224,8 @@ def run(cfg: DictConfig) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if not s.get("models"):
         raise ValueError("sample.models is empty: name at least one model (see `python -m fkdiff.sample --help`)")
-    models = {name: load_model(spec, device) for name, spec in s["models"].items()}
+    specs = use_students(s["models"], s.get("students")) if s.get("students") else s["models"]
+    models = {name: load_model(spec, device) for name, spec in specs.items()}
     target = parse_expression(s["target"], models)
     proposal = parse_expression(s["proposal"], models) if s.get("proposal") else None
     shape = tuple(s.get("shape") or _infer_shape(models))

@@ -67,3 +67,30 @@ def test_bad_specs():
     with pytest.raises(ValueError, match="unknown mcmc kind"):
         build_mcmc({"kind": "gibbs"})
     assert build_mcmc({"kind": "none"}) is None
+
+
+def test_students_replace_analytic_models(tmp_path):
+    """sample.students=<distill run> composes the distilled students (here untrained, saved as distill does)."""
+    from fkdiff import load_energy
+    from fkdiff.energy import build_student, save_student
+    from fkdiff.sample import use_students
+
+    run_dir = tmp_path / "runs" / "distill" / "2026-01-01_00-00-00"
+    for preset in ("ring8", "strip"):
+        st = build_student((2,), 0.5, "l2", backbone={"kind": "mlp", "width": 16, "num_blocks": 1})
+        save_student(st, run_dir / preset / "student.pt")
+    cfg = compose(["recipe=toy2d", f"run_dir={tmp_path / 'out'}", f"sample.students={run_dir}",
+                   "sample.num_particles=64", "sample.num_steps=8", "sample.progress=false",
+                   "sample.compare_reverse_diffusion=false", "sample.plot.enabled=false"])
+    diag = run(cfg)
+    assert math.isfinite(diag["log_Z"]) and len(diag["ess"]) == 8
+    specs = use_students(cfg.sample.models, "latest", runs_root=tmp_path / "runs" / "distill")
+    assert specs["ring"]["path"] == str(run_dir / "ring8" / "student.pt")
+    student = load_energy(specs["strip"]["path"])
+    x = torch.zeros(3, 2)
+    torch.testing.assert_close(student.energy(x, 0.3), load_energy(run_dir / "strip" / "student.pt").energy(x, 0.3))
+    with pytest.raises(FileNotFoundError, match="run `python -m fkdiff.distill` first"):
+        use_students(cfg.sample.models, "latest", runs_root=tmp_path / "nothing")
+    (run_dir / "strip" / "student.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="students there"):
+        use_students(cfg.sample.models, str(run_dir))

@@ -88,6 +88,15 @@ class CondEmbedding(nn.Module):
         return torch.where(is_null, null, emb)
 
 
+def _embed(noise_emb: NoiseEmbedding, cond_emb: CondEmbedding, u: Tensor, c_noise: Tensor, cond) -> Tensor:
+    """SiLU(noise embedding + condition embedding) `[B, emb_dim]` in u's dtype (what every block is modulated by)."""
+    emb = noise_emb(c_noise.reshape(-1).expand(u.shape[0]))
+    c = cond_emb(cond, u.shape[0], u.device)
+    if c is not None:
+        emb = emb + c
+    return nn.functional.silu(emb).to(u.dtype)
+
+
 class _ResBlockMLP(nn.Module):
     def __init__(self, width: int, emb_dim: int):
         super().__init__()
@@ -122,11 +131,7 @@ class MLP(nn.Module):
     def forward(self, u: Tensor, c_noise: Tensor, cond=None) -> Tensor:
         if u.ndim != 2 or u.shape[1] != self.dim:
             raise ValueError(f"MLP expects input [B, {self.dim}], got {tuple(u.shape)}")
-        emb = self.noise_emb(c_noise.reshape(-1).expand(u.shape[0]))
-        c = self.cond_emb(cond, u.shape[0], u.device)
-        if c is not None:
-            emb = emb + c
-        emb = nn.functional.silu(emb).to(u.dtype)
+        emb = _embed(self.noise_emb, self.cond_emb, u, c_noise, cond)
         h = self.inp(u)
         for blk in self.blocks:
             h = blk(h, emb)
@@ -222,11 +227,7 @@ class UNet(nn.Module):
         f = 2 ** (self.levels - 1)
         if u.shape[2] % f or u.shape[3] % f:
             raise ValueError(f"UNet with {self.levels} levels needs H and W divisible by {f}, got {tuple(u.shape[2:])}")
-        emb = self.noise_emb(c_noise.reshape(-1).expand(u.shape[0]))
-        c = self.cond_emb(cond, u.shape[0], u.device)
-        if c is not None:
-            emb = emb + c
-        emb = nn.functional.silu(emb).to(u.dtype)
+        emb = _embed(self.noise_emb, self.cond_emb, u, c_noise, cond)
         h = self.inp(u)
         hs = [h]
         blocks = iter(self.down)

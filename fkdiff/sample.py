@@ -209,7 +209,6 @@ def _potentials(s: Mapping[str, Any], target: Any) -> list:
 def run(cfg: DictConfig) -> dict:
     """Sample as configured by `cfg.sample`; returns the diagnostics dict (also written to the run folder)."""
     from fkdiff import smc
-    from fkdiff.training import save_config  # noqa: F401  (lightweight; no trainer is built)
 
     s = OmegaConf.to_container(cfg.sample, resolve=True)
     device = torch.device(s.get("device") or "cpu")

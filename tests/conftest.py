@@ -8,6 +8,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
+# The suite's workloads are tiny (2D particles, small nets): one intra-op thread is fastest and deterministic, and
+# avoids oversubscription when tests start worker processes (DDP, torch.distributed) on a 2-core machine.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

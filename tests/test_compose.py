@@ -12,14 +12,6 @@ from teachers.presets import gaussian, ring8
 SIGMAS = [0.002, 0.3, 2.0, 80.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small 2D batches: one intra-op thread is fastest (and immune to oversubscription on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class EnergyOnly:
     """Any object with just an energy (score by autograd inside fkdiff)."""

@@ -25,13 +25,6 @@ FAST = ["recipe=toy2d", "logger.kind=none", "trainer.enable_progress_bar=false",
         "distill.num_threads=1", "+trainer.enable_model_summary=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _weights(path) -> dict:
     return {k: v.clone() for k, v in load_energy(path).state_dict().items()}

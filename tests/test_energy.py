@@ -13,14 +13,6 @@ MLP = dict(width=16, num_blocks=2, emb_dim=16)
 UNET = dict(channels=(4, 8), emb_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread avoids oversubscribing a shared CPU (ENVIRONMENT.md)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomize(student: EnergyStudent, gen: torch.Generator, scale: float = 0.3) -> EnergyStudent:
     """Give every parameter (the zero-initialised output layer too) a random value, so g is far from 0."""

@@ -11,14 +11,6 @@ from fkdiff.smc.resampling import inverse_cdf
 SCHEMES = sorted(RESAMPLERS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small 2D batches: one intra-op thread is fastest (and immune to oversubscription on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _offspring(scheme, log_w, num, reps, gen):
     """Offspring counts `[reps, N]` from `reps` independent resamplings."""

@@ -237,13 +237,6 @@ if __name__ == "__main__":  # launched by the `ranks` fixture: python tests/test
 # the tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):

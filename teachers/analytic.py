@@ -10,8 +10,8 @@ different sigma per sample costs nothing extra.
 
 Uniform box on [l, h] (product over dimensions i):
     q_sigma(x) = prod_i (Phi((h_i - x_i)/sigma) - Phi((l_i - x_i)/sigma)) / (h_i - l_i)
-computed as a difference of normal CDFs in log space (both arguments moved to the lower tail, then
-log Phi(b) + log(-expm1(log Phi(a) - log Phi(b)))), stable in float64 from sigma = 1e-4 to 1e4 inside and far
+computed as a difference of normal CDFs in log space (fkdiff.special: both arguments moved to the lower tail, the
+CDF ratio and the score via erfcx / the Mills ratio), stable in float64 from sigma = 1e-4 to 1e4 inside and far
 outside the box.
 
 Every method accepts x `[B, d]` and sigma as a float or a `[B]` tensor; energies are normalised (-log q_sigma).
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fkdiff.diffusion import append_dims, as_sigma, check_batch
+from fkdiff.special import box_log_mass, box_log_mass_grad
 
 __all__ = ["GaussianMixture", "Box", "gmm_product"]
 
@@ -208,32 +209,6 @@ def gmm_product(a: GaussianMixture, b: GaussianMixture, sigma: float = 0.0) -> t
     return r, float(log_z)
 
 
-def _log_ndtr_ratio(lo: Tensor, hi: Tensor) -> Tensor:
-    """log Phi(lo) - log Phi(hi) for lo <= hi, without subtracting two huge logs in the lower tail.
-
-    With Phi(t) = erfcx(-t/sqrt 2) exp(-t^2/2) / 2, for hi < 0 the difference is
-    -(lo - hi)(lo + hi)/2 + log erfcx(-lo/sqrt 2) - log erfcx(-hi/sqrt 2), every term of moderate size.
-    """
-    neg = hi < 0
-    r2 = math.sqrt(2)
-    lo_n, hi_n = torch.where(neg, lo, -1.0), torch.where(neg, hi, -1.0)  # keep erfcx away from overflow
-    tail = -0.5 * (lo_n - hi_n) * (lo_n + hi_n) + torch.special.erfcx(-lo_n / r2).log() - torch.special.erfcx(
-        -hi_n / r2).log()
-    return torch.where(neg, tail, torch.special.log_ndtr(lo) - torch.special.log_ndtr(hi))
-
-
-def _log_ndtr_diff(a: Tensor, b: Tensor) -> Tensor:
-    """log(Phi(b) - Phi(a)) for a < b elementwise, stable in both tails.
-
-    Where (a + b) > 0 both are reflected (Phi(b) - Phi(a) = Phi(-a) - Phi(-b)), so the larger argument is never in
-    the upper tail where Phi saturates at 1; then log Phi(b) + log(-expm1(log Phi(a) - log Phi(b))).
-    """
-    flip = (a + b) > 0
-    lo = torch.where(flip, -b, a)
-    hi = torch.where(flip, -a, b)
-    return torch.special.log_ndtr(hi) + torch.log(-torch.expm1(_log_ndtr_ratio(lo, hi)))
-
-
 class Box(_Analytic):
     """Uniform distribution on the box [low, high] (per-dimension bounds, `[d]` each)."""
 
@@ -267,25 +242,8 @@ class Box(_Analytic):
         """`[B]` bool: x inside the closed box."""
         return ((x >= self.low.to(x)) & (x <= self.high.to(x))).all(-1)
 
-    def _ab(self, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        sb = s[:, None]
-        return (self.low - x) / sb, (self.high - x) / sb
-
     def _log_prob(self, x: Tensor, s: Tensor) -> Tensor:
-        a, b = self._ab(x, s)
-        return _log_ndtr_diff(a, b).sum(-1) - self.log_volume
+        return box_log_mass(x, self.low, self.high, s[:, None]).sum(-1) - self.log_volume
 
     def _score(self, x: Tensor, s: Tensor) -> Tensor:
-        # d/dx log(Phi(b) - Phi(a)) = (phi(a) - phi(b)) / (sigma (Phi(b) - Phi(a))). Reflected as in _log_ndtr_diff
-        # (lo < hi, lo + hi <= 0), phi(hi) / Z = m(hi) / (1 - Phi(lo)/Phi(hi)) with the Mills ratio
-        # m(t) = phi(t)/Phi(t) = sqrt(2/pi) / erfcx(-t/sqrt(2)) (no exp of a difference of huge logs), and
-        # phi(lo)/phi(hi) = exp(-(lo - hi)(lo + hi)/2) <= 1. Exact far outside the box: score -> -(x - h)/sigma^2.
-        a, b = self._ab(x, s)
-        flip = (a + b) > 0
-        lo = torch.where(flip, -b, a)
-        hi = torch.where(flip, -a, b)
-        m = math.sqrt(2 / math.pi) / torch.special.erfcx(-hi / math.sqrt(2))
-        phi_hi_over_z = m / -torch.expm1(_log_ndtr_ratio(lo, hi))
-        one_minus_rho = -torch.expm1(-0.5 * (lo - hi) * (lo + hi))  # 1 - phi(lo) / phi(hi), exact near 0
-        sign = torch.where(flip, 1.0, -1.0).to(x.dtype)  # phi(a) - phi(b) = sign * (phi(hi) - phi(lo))
-        return sign * one_minus_rho * phi_hi_over_z / s[:, None]
+        return box_log_mass_grad(x, self.low, self.high, s[:, None])

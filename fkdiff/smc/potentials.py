@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fkdiff.special import box_log_mass, box_log_mass_grad, log_ndtr_diff  # noqa: F401  (log_ndtr_diff re-exported)
+
 __all__ = ["Level", "Potential", "Box", "LowTemperature", "LogPotential", "as_potential", "log_ndtr_diff"]
 
 
@@ -77,19 +79,6 @@ class Potential:
         return lw.detach().double(), g
 
 
-def log_ndtr_diff(a: Tensor, b: Tensor) -> Tensor:
-    """log(Phi(b) - Phi(a)) for a <= b elementwise, stable in both tails (float64 recommended).
-
-    Where a + b > 0 both arguments are reflected (Phi(b) - Phi(a) = Phi(-a) - Phi(-b)) so the larger one never sits
-    in the upper tail where Phi saturates at 1; then log Phi(hi) + log(-expm1(log Phi(lo) - log Phi(hi))).
-    """
-    flip = (a + b) > 0
-    lo = torch.where(flip, -b, a)
-    hi = torch.where(flip, -a, b)
-    lhi, llo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
-    return lhi + torch.log(-torch.expm1(llo - lhi))
-
-
 class Box(Potential):
     """Box constraint low <= x <= high (bounds broadcast against the event shape): hard at the last level, the box
     smoothed at sigma_k before (see the module docstring). `soft_scale` multiplies sigma_k in the smoothing."""
@@ -121,22 +110,14 @@ class Box(Potential):
             inside = self.contains(pt)
             return torch.where(inside, 0.0, -math.inf).to(torch.float64)
         low, high = self._bounds(x)
-        s = level.sigma * self.soft_scale
-        xd = x.double()
-        return log_ndtr_diff((low - xd) / s, (high - xd) / s).flatten(1).sum(1)
+        return box_log_mass(x.double(), low, high, level.sigma * self.soft_scale).flatten(1).sum(1)
 
     def log_potential_and_grad(self, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
         lw = self.log_potential(x, level)
         if level.final:
             return lw, torch.zeros_like(x)
-        # d/dx log(Phi(b) - Phi(a)) = (phi(a) - phi(b)) / (s (Phi(b) - Phi(a))),  a = (l - x)/s, b = (h - x)/s
         low, high = self._bounds(x)
-        s = level.sigma * self.soft_scale
-        xd = x.double()
-        a, b = (low - xd) / s, (high - xd) / s
-        logz = log_ndtr_diff(a, b)
-        half_log2pi = 0.5 * math.log(2 * math.pi)
-        g = ((-0.5 * a**2 - half_log2pi - logz).exp() - (-0.5 * b**2 - half_log2pi - logz).exp()) / s
+        g = box_log_mass_grad(x.double(), low, high, level.sigma * self.soft_scale)
         return lw, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).to(x.dtype)
 
 

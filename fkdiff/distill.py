@@ -109,7 +109,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> StudentRun:
-    from fkdiff.distillation import DistillationModule, FinalCheckpoint, denoiser_error_by_bucket
+    from fkdiff.distillation import (DistillationModule, FinalCheckpoint, denoiser_error_by_bucket,
+                                      energy_gap_error_by_bucket)
     from fkdiff.energy import save_student
     from fkdiff.training import build_logger, build_trainer, resolve_ckpt_path
 
@@ -158,6 +159,8 @@ def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> Stud
         g = torch.Generator().manual_seed(int(cfg.seed) + 1)
         x0 = teacher.sample(int(ev.get("num_samples", 4096)), generator=g).float()
         result["errors"] = denoiser_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g)
+        if callable(getattr(teacher, "energy", None)):
+            result["energy_errors"] = energy_gap_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g)
     return result
 
 
@@ -226,6 +229,10 @@ def _print_report(report: dict) -> None:
             e = r["errors"]
             cells = ", ".join(f"{b}: {100 * q:.2f}%" for b, q in zip(e["bucket"], e["ratio"]))
             print(f"    excess denoiser error / optimal, per sigma bucket: {cells}")
+        if "energy_errors" in r:
+            e = r["energy_errors"]
+            cells = ", ".join(f"{b}: {q:.3f}" for b, q in zip(e["bucket"], e["rms_nats"]))
+            print(f"    relative-energy error (rms nats between samples; sets SMC mode masses): {cells}")
     if "densities" in report:
         print(f"  learnt vs true densities: {report['densities']}")
     print(f"  report: {report['run_dir']}/report.json; load a student with fkdiff.load_energy(<student.pt>)")

@@ -183,6 +183,34 @@ def denoiser_error_by_bucket(student: Callable, reference: Callable, x0: Tensor,
     return out
 
 
+def energy_gap_error_by_bucket(student: Any, reference: Any, x0: Tensor, edges: Sequence[float],
+                               generator: torch.Generator, max_batch: int = 4096) -> dict[str, list]:
+    """Error of the student's *relative* energies, per sigma bucket: what SMC weights depend on.
+
+    The denoiser error sees only grad E, i.e. E up to a constant on every region where p_sigma has mass; between
+    separated modes at small sigma the loss does not pin the energy levels, and those levels set the mode masses of
+    a composition. In bucket [lo, hi) pairs (x_i, x_j) are drawn from p_sigma at a common sigma (log-uniform per
+    pair) and rms = sqrt(E[((E_s(x_i) - E_s(x_j)) - (E_ref(x_i) - E_ref(x_j)))^2]) in nats (the per-sigma additive
+    constant cancels); `reference` must have an exact `energy` (analytic teachers). `x0 [N, *event]`, N even.
+    """
+    out = {"bucket": bucket_names(edges), "lo": list(edges[:-1]), "hi": list(edges[1:]), "rms_nats": []}
+    n = x0.shape[0] // 2
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sq = []
+        for i in range(0, n, max_batch):
+            a, b = x0[i:min(i + max_batch, n)], x0[n + i:n + min(i + max_batch, n)]
+            u = torch.rand(a.shape[0], generator=generator, dtype=torch.float64)
+            sig = (math.log(lo) + u * (math.log(hi) - math.log(lo))).exp().to(a)
+            xa = a + append_dims(sig, a.ndim) * torch.randn(a.shape, generator=generator, dtype=a.dtype)
+            xb = b + append_dims(sig, b.ndim) * torch.randn(b.shape, generator=generator, dtype=b.dtype)
+            with torch.no_grad():
+                d_st = (student.energy(xa, sig) - student.energy(xb, sig)).double()
+                d_ref = (reference.energy(xa.double(), sig.double()) - reference.energy(xb.double(), sig.double()))
+            sq.append((d_st - d_ref.double()) ** 2)
+        out["rms_nats"].append(float(torch.cat(sq).mean().sqrt()))
+    return out
+
+
 def euler_sample(denoiser: Callable, shape: Sequence[int], generator: torch.Generator, *, num_steps: int = 32,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, cond: Any = None,
                  device: torch.device | str = "cpu") -> Tensor:

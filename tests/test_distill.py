@@ -256,3 +256,30 @@ def test_image_recipes_distil_a_small_teacher(recipe, tmp_path):
     assert student.event_shape == tuple(dm.event_shape) and student.f.cond_emb.kind == dm.cond_kind
     assert list((tmp_path / "run" / "student" / "plots").glob("*.png"))
     assert (tmp_path / "run" / "student" / "csv" / "metrics.csv").is_file()
+
+
+def test_energy_gap_metric_sees_mode_offsets_the_denoiser_error_misses():
+    """A model whose energy is exact up to a constant c on one of two separated modes has the exact denoiser at
+    small sigma (the offset has zero gradient where the data are) but wrong mode masses under SMC; the relative-energy
+    metric reports rms = c sqrt(P(pair straddles the modes)) = c / sqrt(2) for two equal modes."""
+    from fkdiff.distillation import denoiser_error_by_bucket, energy_gap_error_by_bucket
+    from teachers import GaussianMixture
+
+    gmm = GaussianMixture([[-1.0, 0.0], [1.0, 0.0]], 0.05**2 * torch.eye(2).expand(2, 2, 2))
+
+    class Offset:
+        def energy(self, x, sigma):
+            return gmm.energy(x, sigma) + 1.0 * (x[:, 0] > 0).to(x.dtype)
+
+        def __call__(self, x, sigma, cond=None):
+            return gmm(x, sigma)
+
+    g = torch.Generator().manual_seed(0)
+    x0 = gmm.sample(4000, generator=g)
+    edges = [0.002, 0.01, 0.05]
+    den = denoiser_error_by_bucket(Offset(), gmm, x0, edges, g)
+    assert max(den["ratio"]) < 1e-12  # blind to the offset
+    gap = energy_gap_error_by_bucket(Offset(), gmm, x0, edges, g)
+    # P(straddle) has standard error sqrt(0.25 / 2000) ~ 0.011 -> rms within ~0.01 of 0.707 (4 SE: 0.03)
+    assert all(abs(r - 0.5**0.5) < 0.03 for r in gap["rms_nats"]), gap
+    assert max(energy_gap_error_by_bucket(gmm, gmm, x0, edges, g)["rms_nats"]) < 1e-9

@@ -16,6 +16,8 @@ Methods at a budget B of target evaluations per particle (energy+score):
   annealed   annealed HMC, 1 HMC step x 3 leapfrog per level (B/4 levels)           fkdiff.samplers.annealed_mcmc
   smc        SMC with the reverse-diffusion proposal, no MCMC (B levels)             fkdiff.smc.sample
   smc_hmc    SMC + 1 HMC step x 3 leapfrog per level (B/4 levels)                   fkdiff.smc.sample(mcmc=HMC())
+  smc_hmc1   SMC + 1 HMC step x 1 leapfrog per level (B/2 levels): the same budget spent on more levels
+             (at 1000 evaluations the log Z error of SMC+HMC is variance of the weights, which falls like 1/levels)
 
 Metrics against an independent exact sample of the same size N:
   tv    total variation between the mode-occupancy histograms (each point assigned to the nearest mode centre;
@@ -23,9 +25,14 @@ Metrics against an independent exact sample of the same size N:
   mmd   weighted MMD (V-statistic) with a sum of RBF kernels, bandwidths 0.02, 0.05, 0.1, 0.2, 0.5
   lz    |log Z_hat - log Z| (SMC methods only)
 The noise floor is the same tv / mmd between two independent exact samples of size N.
+Every (target, B, method) runs for each seed in --seeds (independent exact samples and SMC noise per seed); a cell
+shows the medians over seeds of tv / mmd / the mmd-to-floor ratio and, for the SMC methods, the median |log Z error|
+with its [min, max] over seeds (the JSON keeps every seed's row, with the signed error and the run's own standard
+error, so bias (a consistent sign) can be told from variance).
 
-    python benchmarks/smc_accuracy.py            # 2000 particles, B = 100 / 300 / 1000, all targets
+    python benchmarks/smc_accuracy.py            # 2000 particles, B = 100 / 300 / 1000, seeds 0 1 2, all targets
     python benchmarks/smc_accuracy.py --quick    # 1000 particles, B = 100 / 300
+    python benchmarks/smc_accuracy.py --budgets 1000 --methods smc_hmc smc_hmc1 --seeds 0 1 2 3 4
 Writes benchmarks/results/smc_accuracy.{json,md} and prints the markdown table.
 """
 
@@ -142,10 +149,12 @@ def run_method(method, spec, n, budget, gen):
             return smc.sample(spec["target"], n, num_steps=budget, **smc_kw, **kw)
         if method == "smc_hmc":
             return smc.sample(spec["target"], n, num_steps=hmc_levels, mcmc=mcmc.HMC(), **smc_kw, **kw)
+        if method == "smc_hmc1":
+            return smc.sample(spec["target"], n, num_steps=max(budget // 2, 2), mcmc=mcmc.HMC(1, 1), **smc_kw, **kw)
     raise ValueError(method)
 
 
-METHODS = ("reverse", "annealed", "smc", "smc_hmc")
+METHODS = ("reverse", "annealed", "smc", "smc_hmc", "smc_hmc1")
 
 
 def main(argv=None):
@@ -154,7 +163,7 @@ def main(argv=None):
     p.add_argument("--budgets", type=int, nargs="+", default=[100, 300, 1000])
     p.add_argument("--targets", nargs="+", default=None, help="subset of target names")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="1000 particles, budgets 100 300")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -168,34 +177,44 @@ def main(argv=None):
     for name in names:
         spec = targets[name]
         truth = GridTruth(spec["target"], spec.get("box"))
-        g = torch.Generator().manual_seed(args.seed)
-        ref, ref2 = truth.sample(n, g), truth.sample(n, g)
-        eq = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        floors[name] = dict(tv=mode_tv(ref2, eq, ref, spec["centres"]), mmd=mmd(ref2, eq, ref), log_Z=truth.log_Z,
-                            grid_edge_mass=truth.edge_mass)
+        refs, fl = {}, []
+        for seed in args.seeds:
+            g = torch.Generator().manual_seed(seed)
+            ref, ref2 = truth.sample(n, g), truth.sample(n, g)
+            eq = torch.full((n,), 1.0 / n, dtype=torch.float64)
+            refs[seed] = ref
+            fl.append(dict(tv=mode_tv(ref2, eq, ref, spec["centres"]), mmd=mmd(ref2, eq, ref)))
+        floors[name] = dict(tv=_median([f["tv"] for f in fl]), mmd=_median([f["mmd"] for f in fl]), per_seed=fl,
+                            log_Z=truth.log_Z, grid_edge_mass=truth.edge_mass)
         if "closed_form" in spec:
             floors[name]["log_Z_closed_form"] = spec["closed_form"][1]
         print(f"[{name}] log Z = {truth.log_Z:.4f}  floor tv = {floors[name]['tv']:.4f}  mmd = {floors[name]['mmd']:.4f}",
               flush=True)
         for budget in args.budgets:
             for method in args.methods:
-                gm = torch.Generator().manual_seed(args.seed * 1000 + budget)
-                t0 = time.perf_counter()
-                res = run_method(method, spec, n, budget, gm)
-                wall = time.perf_counter() - t0
-                w = res.log_weights.exp()
-                alive = w > 0
-                x = res.samples[alive].double()
-                row = dict(target=name, method=method, budget=budget, nfe=res.nfe, wall_time=wall,
-                           tv=mode_tv(x, w[alive], ref, spec["centres"]), mmd=mmd(x, w[alive], ref),
-                           log_Z=res.log_Z, log_Z_err=abs(res.log_Z - truth.log_Z) if math.isfinite(res.log_Z) else None,
-                           log_Z_se=getattr(res, "log_Z_se", None) if math.isfinite(res.log_Z) else None,
-                           min_ess=float(res.ess.min()), final_ess=res.final_ess,
-                           mean_acceptance=None if res.acceptance is None else float(res.acceptance.nanmean()))
-                rows.append(row)
-                lz = "" if row["log_Z_err"] is None else f" |dlogZ| = {row['log_Z_err']:.3f}"
-                print(f"  B={budget:5d} {method:9s} tv = {row['tv']:.4f} mmd = {row['mmd']:.4f}{lz} "
-                      f"(nfe {res.nfe:.0f}, {wall:.1f}s)", flush=True)
+                for i, seed in enumerate(args.seeds):
+                    ref = refs[seed]
+                    gm = torch.Generator().manual_seed(seed * 1000 + budget)
+                    t0 = time.perf_counter()
+                    res = run_method(method, spec, n, budget, gm)
+                    wall = time.perf_counter() - t0
+                    w = res.log_weights.exp()
+                    alive = w > 0
+                    x = res.samples[alive].double()
+                    ok = math.isfinite(res.log_Z)
+                    row = dict(target=name, method=method, budget=budget, seed=seed, nfe=res.nfe, wall_time=wall,
+                               tv=mode_tv(x, w[alive], ref, spec["centres"]), mmd=mmd(x, w[alive], ref),
+                               mmd_ratio=mmd(x, w[alive], ref) / max(fl[i]["mmd"], 1e-12), log_Z=res.log_Z,
+                               log_Z_err=abs(res.log_Z - truth.log_Z) if ok else None,
+                               log_Z_signed_err=res.log_Z - truth.log_Z if ok else None,
+                               log_Z_se=getattr(res, "log_Z_se", None) if ok else None,
+                               min_ess=float(res.ess.min()), final_ess=res.final_ess,
+                               mean_acceptance=None if res.acceptance is None else float(res.acceptance.nanmean()),
+                               min_acceptance=None if res.acceptance is None else float(res.acceptance.min()))
+                    rows.append(row)
+                    lz = "" if row["log_Z_err"] is None else f" dlogZ = {row['log_Z_signed_err']:+.3f}"
+                    print(f"  B={budget:5d} {method:9s} seed {seed} tv = {row['tv']:.4f} mmd = {row['mmd']:.4f}{lz} "
+                          f"(nfe {res.nfe:.0f}, {wall:.1f}s)", flush=True)
     table = markdown(rows, floors, args)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -205,22 +224,31 @@ def main(argv=None):
     return rows, floors
 
 
+def _median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+
 def markdown(rows, floors, args) -> str:
-    lines = [f"SMC accuracy, N = {args.particles} particles, seed {args.seed}; tv / mmd (x noise floor) / |log Z error|",
-             "", "| target | B | floor tv / mmd | " + " | ".join(args.methods) + " |",
+    seeds = " ".join(str(s) for s in args.seeds)
+    lines = [f"SMC accuracy, N = {args.particles} particles, seeds {seeds}; medians over seeds of tv / mmd (x noise floor)"
+             " / |log Z error| [min, max over seeds]", "",
+             "| target | B | floor tv / mmd | " + " | ".join(args.methods) + " |",
              "|---|---|---|" + "---|" * len(args.methods)]
     for name in floors:
         f = floors[name]
         for budget in args.budgets:
             cells = []
             for m in args.methods:
-                r = next((r for r in rows if r["target"] == name and r["method"] == m and r["budget"] == budget), None)
-                if r is None:
+                rs = [r for r in rows if r["target"] == name and r["method"] == m and r["budget"] == budget]
+                if not rs:
                     cells.append("")
                     continue
-                c = f"{r['tv']:.3f} / {r['mmd']:.3f} ({r['mmd'] / max(f['mmd'], 1e-12):.1f}x)"
-                if r["log_Z_err"] is not None:
-                    c += f" / {r['log_Z_err']:.3f}"
+                c = (f"{_median([r['tv'] for r in rs]):.3f} / {_median([r['mmd'] for r in rs]):.3f} "
+                     f"({_median([r['mmd_ratio'] for r in rs]):.1f}x)")
+                lz = [r["log_Z_err"] for r in rs if r["log_Z_err"] is not None]
+                if lz:
+                    c += f" / {_median(lz):.3f}" + (f" [{min(lz):.3f}, {max(lz):.3f}]" if len(lz) > 1 else "")
                 cells.append(c)
             lines.append(f"| {name} | {budget} | {f['tv']:.3f} / {f['mmd']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

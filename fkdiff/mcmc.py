@@ -60,6 +60,7 @@ __all__ = [
     "ULA",
     "UHMC",
     "population_scale",
+    "scale_from_mean_squared_grad",
     "run",
     "target_logdensity",
 ]
@@ -116,7 +117,11 @@ def population_scale(grad: Tensor) -> float:
 
     Non-finite rows are ignored; a zero or undefined median (a flat density) falls back to the mean, then to 1.
     """
-    msg = grad.detach().double().flatten(1).pow(2).mean(1)
+    return scale_from_mean_squared_grad(grad.detach().double().flatten(1).pow(2).mean(1))
+
+
+def scale_from_mean_squared_grad(msg: Tensor) -> float:
+    """`population_scale` from the per-particle mean squared gradients `msg` `[N]` (for callers that gather them)."""
     msg = msg[torch.isfinite(msg)]
     if msg.numel() == 0:
         return 1.0

@@ -26,14 +26,6 @@ Z_TOL = 4.5
 SMIN = 0.002
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small 2D batches: one intra-op thread is fastest (and immune to oversubscription on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _tol(p, n):
     return Z_TOL * math.sqrt(INFLATION * p * (1 - p) / n)
@@ -385,7 +377,7 @@ def test_engine_on_a_generic_feynman_kac_model():
     (x_t = rho x_{t-1} + tau eps, y_t = x_t + eta) estimates the Kalman filter's exact log-likelihood."""
     rho, tau, eta, num_t = 0.9, 0.5, 0.4, 25
     g = torch.Generator().manual_seed(0)
-    xs, ys, x = [], [], torch.randn((), generator=g, dtype=torch.float64) * tau / math.sqrt(1 - rho**2)
+    ys, x = [], torch.randn((), generator=g, dtype=torch.float64) * tau / math.sqrt(1 - rho**2)
     for _ in range(num_t):
         ys.append(float(x + eta * torch.randn((), generator=g, dtype=torch.float64)))
         x = rho * x + tau * torch.randn((), generator=g, dtype=torch.float64)

@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fkdiff.mcmc import Kernel, MCMCInfo, MCMCState
+from fkdiff.mcmc import Kernel, MCMCInfo, MCMCState, scale_from_mean_squared_grad
 from fkdiff.smc.core import Population, SMCResult
 from fkdiff.smc.core import run_smc as _run_smc
 from fkdiff.smc.fk import FeynmanKac, Particles
@@ -200,19 +200,6 @@ def _unpack(buf: Tensor, specs: list) -> list[Tensor]:
 # MCMC with a population-wide step size
 
 
-def _population_scale(msg: Tensor) -> float:
-    """`fkdiff.mcmc.population_scale` from the per-particle mean squared gradients `msg` `[N]` (same fallbacks)."""
-    msg = msg[torch.isfinite(msg)]
-    if msg.numel() == 0:
-        return 1.0
-    med = float(msg.median())
-    if not med > 0:
-        med = float(msg.mean())
-    if not (med > 0 and math.isfinite(med)):
-        return 1.0
-    return 1.0 / math.sqrt(med)
-
-
 class SharedStepKernel:
     """An `fkdiff.mcmc.Kernel` run on a shard with the step size of the whole population.
 
@@ -242,7 +229,7 @@ class SharedStepKernel:
             eps = float(k.step_size)
         else:
             msg = grad.detach().double().flatten(1).pow(2).mean(1)
-            eps = math.exp(state.log_scale) * _population_scale(self.population.gather(msg))
+            eps = math.exp(state.log_scale) * scale_from_mean_squared_grad(self.population.gather(msg))
             if k.max_step_size is not None:
                 eps = min(eps, float(k.max_step_size))
         x_new, _, info = dataclasses.replace(k, step_size=eps)(x, logdensity_fn, generator=generator, state=state,

@@ -9,8 +9,9 @@ the DESIGN's small 2D/low-dimensional setting.
 Two ways of handing the student to the samplers are timed:
   energy_only  a thin wrapper exposing only `energy`, so both samplers get energy and score from one
                forward + backward (fkdiff.targets' autograd path)
-  student      the student as is (it has `energy` and `score` methods): fkdiff.targets.energy_and_score then calls
-               `energy` and `score` separately, i.e. an extra forward pass per level for SMC only
+  student      the student as is: fkdiff.targets.energy_and_score uses its fused `energy_and_grad` (one forward +
+               one backward). Before that path existed SMC called `energy` and `score` separately, an extra forward
+               per level, and measured 1.6-1.8x here; a regression test counts the passes (tests/test_compose.py)
 
 Each configuration is timed `--repeats` times after a warm-up, the two samplers alternating; the median is reported.
 Target ratio <= 1.10.

@@ -210,8 +210,8 @@ def distill(cfg: DictConfig) -> list[StudentRun]:
         return runs
     report = {"run_dir": str(run_dir), "students": {}}
     for r in runs:
-        report["students"][r["name"]] = {k: r[k] for k in ("student_path", "checkpoint", "step", "warm_start", "errors")
-                                         if k in r}
+        keys = ("student_path", "checkpoint", "step", "warm_start", "errors", "energy_errors")
+        report["students"][r["name"]] = {k: r[k] for k in keys if k in r}
     if all(len(r["student"].event_shape) == 1 and r["student"].event_shape[0] == 2 for r in runs) and \
             all(callable(getattr(r["teacher"], "energy", None)) for r in runs):
         report["densities"] = str(plot_densities(runs, run_dir / "densities.png", float(cfg.distill.plot.sigma),

@@ -1,6 +1,7 @@
 """Distillation (DESIGN.md section 4): the loss and its E-DSM switch, diagnostics, convergence to the exact denoiser of
 an analytic teacher, exact resume after a real kill, DDP on two CPU processes, W&B offline files, every recipe."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -129,6 +130,9 @@ def test_distillation_approaches_the_exact_denoiser_per_sigma_bucket(tmp_path):
     assert max(ratio) < 0.15, ratio
     assert ratio[1] < ratio0[1] / 4, (ratio, ratio0)
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "report.json").is_file()
+    report = json.loads((tmp_path / "report.json").read_text())["students"]["ring8"]
+    gap = report["energy_errors"]["rms_nats"]  # relative energies: accurate where the modes overlap (sigma >= 0.2)
+    assert len(gap) == len(edges) - 1 and all(g >= 0 for g in gap) and max(gap[2:]) < 0.1, gap
 
 
 # ---------------------------------------------------------------------------------------------------- resume

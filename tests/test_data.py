@@ -13,6 +13,7 @@ from fkdiff.data import DATAMODULES, build_datamodule
 from fkdiff.data import shapes as S
 from fkdiff.data.modules import SeededShuffleSampler
 from fkdiff.data.sources import CIFAR10_URL
+from conftest import write_cifar
 
 
 def _first(dm, split="train"):
@@ -329,27 +330,10 @@ def test_digits():
 # ------------------------------------------------------------------------------------------------ cifar10
 
 
-def _write_cifar(folder, n_per_batch=6, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, n_per_batch).tolist(),
-             b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-             b"filenames": [f"{name}_{i}.png".encode() for i in range(n_per_batch)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(d, f)
-        batches[name] = d
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": names, b"num_cases_per_batch": n_per_batch, b"num_vis": 3072}, f)
-    return batches
-
-
 @pytest.mark.parametrize("nested", [True, False])
 def test_cifar10_reads_synthetic_pickles(tmp_path, nested):
     folder = tmp_path / "cifar-10-batches-py" if nested else tmp_path
-    batches = _write_cifar(folder)
+    batches = write_cifar(folder)
     dm = build_datamodule("cifar10", root=str(tmp_path), batch_size=7)
     _check_contract(dm)
     assert dm.event_shape == (3, 32, 32) and dm.num_classes == 10 and dm.cond_kind == "class"
@@ -373,7 +357,7 @@ def test_cifar10_missing_files_error(tmp_path):
     msg = str(e.value)
     assert "data_batch_1" in msg and "test_batch" in msg and "batches.meta" in msg
     assert CIFAR10_URL in msg and str(tmp_path / "nowhere") in msg
-    _write_cifar(tmp_path / "cifar-10-batches-py")
+    write_cifar(tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="missing data_batch_3 in .*cifar-10-batches-py"):
         build_datamodule("cifar10", root=str(tmp_path))
@@ -381,7 +365,7 @@ def test_cifar10_missing_files_error(tmp_path):
         build_datamodule("cifar10")
     # a file in the wrong format says so
     bad = tmp_path / "bad"
-    _write_cifar(bad)
+    write_cifar(bad)
     with open(bad / "data_batch_1", "wb") as f:
         pickle.dump({b"wrong": 1}, f)
     with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):

@@ -3,19 +3,18 @@ an analytic teacher, exact resume after a real kill, DDP on two CPU processes, W
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fkdiff.distill import distill
 from fkdiff.distillation import DenoiserMatchingLoss, StepBatches, denoiser_error_by_bucket, teacher_asymmetry
 from fkdiff.energy import build_student, load_energy
+from conftest import write_cifar
 from fkdiff.recipes import available_recipes, compose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,20 +214,6 @@ def test_wandb_offline_run_files_and_validation_plots(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------- recipes
 
 
-def _write_cifar(folder: Path, n_per_batch: int = 8) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, n_per_batch).tolist(),
-             b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-             b"filenames": [f"{name}_{i}.png".encode() for i in range(n_per_batch)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(d, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [b"c%d" % i for i in range(10)], b"num_cases_per_batch": n_per_batch,
-                     b"num_vis": 3072}, f)
-
-
 IMAGE_DATA = {"shapes": ["+data.num_samples=64"], "digits": [],
               "cifar10": ["data.root=__CIFAR__"]}
 
@@ -241,7 +226,7 @@ def test_image_recipes_distil_a_small_teacher(recipe, tmp_path):
     assert set(IMAGE_DATA) | {"toy2d"} <= set(available_recipes())
     extra = [o.replace("__CIFAR__", str(tmp_path / "cifar")) for o in IMAGE_DATA[recipe]]
     if recipe == "cifar10":
-        _write_cifar(tmp_path / "cifar" / "cifar-10-batches-py")
+        write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", n_per_batch=8)
     base = [f"recipe={recipe}", f"run_dir={tmp_path / 'run'}", "logger.kind=csv", "trainer.enable_progress_bar=false",
             "data.batch_size=8", "distill.max_steps=2", "distill.val_every_n_steps=2", "distill.plot.num_steps=2",
             "distill.plot.num_samples=4", "distill.plot.val_examples=8", "distill.diagnostics_every_n_steps=1",

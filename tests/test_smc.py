@@ -188,8 +188,10 @@ CASES = {"product_gaussians": case_product_gaussians, "product_gmms": case_produ
          "twisted_low_temperature": case_twisted_low_temperature}
 # measured sd of log Z over 10 seeds per case (see test_calibration); the log Z bound is Z_TOL times it
 # (twisted: sd 0.011 around a discretisation bias of +0.038 of the proposal's terminal law, covered by 4.5 x 0.02)
+# box: re-measured after HMC's default target_accept became 0.7 (the API; was 0.65): sd 0.137 over 30 seeds
+# (100-129), mean error +0.016 +- 0.025 (no bias); at 0.7 the GMM product's spread fell (0.10 -> 0.067 over 10 seeds)
 LOG_Z_SD = {"product_gaussians": 0.075, "product_gmms": 0.10, "mixture": 0.10, "negation": 0.06, "tempered": 0.08,
-            "box": 0.11, "twisted_low_temperature": 0.02}
+            "box": 0.14, "twisted_low_temperature": 0.02}
 
 
 def _check_case(name, c):

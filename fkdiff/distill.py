@@ -127,7 +127,8 @@ def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> Stud
         sigma_buckets=list(dcfg.sigma_buckets), diagnostics_every_n_steps=int(dcfg.diagnostics_every_n_steps or 0),
         train_data=(train_loader.dataset, train_loader.collate_fn),
         val_data=(val_loader.dataset, val_loader.collate_fn), batch_size=int(cfg.data.batch_size),
-        plot=_container(dcfg.plot), plot_dir=sub / "plots", run_config=_container(cfg))
+        plot=_container(dcfg.plot), plot_dir=sub / "plots", run_config=_container(cfg),
+        level_loss=_level_loss(dcfg.get("levels")))
     tr = _container(cfg.trainer)
     if dcfg.get("max_steps"):
         tr["max_steps"] = int(dcfg.max_steps)
@@ -161,7 +162,39 @@ def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> Stud
         result["errors"] = denoiser_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g)
         if callable(getattr(teacher, "energy", None)):
             result["energy_errors"] = energy_gap_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g)
+    if ev.get("enabled", True) and teacher is not None and int(ev.get("level_samples") or 0) > 0:
+        result["levels"] = _level_report(student, teacher, ev, list(dcfg.sigma_buckets), val_loader.dataset,
+                                         val_loader.collate_fn, int(cfg.seed))
     return result
+
+
+def _level_report(student, teacher, ev: Mapping, edges: list, val_set, collate, seed: int) -> dict:
+    """fkdiff.levels.level_report on exact teacher samples (analytic teachers) or validation examples (others)."""
+    from fkdiff.distillation import _split_batch
+    from fkdiff.levels import level_report
+
+    g = torch.Generator().manual_seed(seed + 2)
+    n = int(ev["level_samples"])
+    if getattr(teacher, "sample", None) is not None:
+        x0, cond = teacher.sample(n, generator=g).float(), None
+    else:
+        x0, cond = _split_batch(collate([val_set[i] for i in range(min(n, len(val_set)))]))
+    dev = next(student.parameters()).device
+    x0 = x0.to(dev)
+    integrated = ev.get("integrated", "auto")
+    integrated = not callable(getattr(teacher, "energy", None)) if integrated == "auto" else bool(integrated)
+    return level_report(student, teacher, x0, edges, g, cond=cond, num_probes=int(ev.get("num_probes", 4)),
+                        integrated=integrated)
+
+
+def _level_loss(lcfg):
+    """The level term (fkdiff.levels.LevelLoss) from `distill.levels`, or None when its weight is 0."""
+    from fkdiff.levels import LevelLoss
+
+    lcfg = _container(lcfg) or {}
+    if not float(lcfg.get("weight", 0.0)):
+        return None
+    return LevelLoss(**lcfg)
 
 
 def _finish_wandb(logger) -> None:
@@ -210,8 +243,14 @@ def distill(cfg: DictConfig) -> list[StudentRun]:
         return runs
     report = {"run_dir": str(run_dir), "students": {}}
     for r in runs:
-        keys = ("student_path", "checkpoint", "step", "warm_start", "errors", "energy_errors")
+        keys = ("student_path", "checkpoint", "step", "warm_start", "errors", "energy_errors", "levels")
         report["students"][r["name"]] = {k: r[k] for k in keys if k in r}
+    comp = _container(cfg.distill.get("eval", {})).get("composition")
+    if comp and len(runs) == 2 and all(_analytic_2d(r) for r in runs):
+        from fkdiff.levels import product_check_2d
+
+        report["composition"] = product_check_2d([r["student"] for r in runs], [r["teacher"] for r in runs],
+                                                 float(comp.get("sigma", 0.002)), h=float(comp.get("h", 0.005)))
     if all(len(r["student"].event_shape) == 1 and r["student"].event_shape[0] == 2 for r in runs) and \
             all(callable(getattr(r["teacher"], "energy", None)) for r in runs):
         report["densities"] = str(plot_densities(runs, run_dir / "densities.png", float(cfg.distill.plot.sigma),
@@ -219,6 +258,12 @@ def distill(cfg: DictConfig) -> list[StudentRun]:
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     _print_report(report)
     return runs
+
+
+def _analytic_2d(run: StudentRun) -> bool:
+    from teachers.analytic import Box, GaussianMixture
+
+    return run["student"].event_shape == (2,) and isinstance(run["teacher"], (Box, GaussianMixture))
 
 
 def _print_report(report: dict) -> None:
@@ -233,9 +278,34 @@ def _print_report(report: dict) -> None:
             e = r["energy_errors"]
             cells = ", ".join(f"{b}: {q:.3f}" for b, q in zip(e["bucket"], e["rms_nats"]))
             print(f"    relative-energy error (rms nats between samples; sets SMC mode masses): {cells}")
+        for line in _level_lines(r.get("levels", {})):
+            print("    " + line)
+    if "composition" in report:
+        c = report["composition"]
+        print(f"  students' product at sigma {c['sigma']:g} (quadrature): mass in y > 0 {c['region_mass']:.3f} "
+              f"(exact {c['exact_region_mass']:.3f}), log-overlap {c['log_overlap']:.3f} (exact "
+              f"{c['exact_log_overlap']:.3f}, error {c['log_overlap_error']:+.3f} nats)")
     if "densities" in report:
         print(f"  learnt vs true densities: {report['densities']}")
     print(f"  report: {report['run_dir']}/report.json; load a student with fkdiff.load_energy(<student.pt>)")
+
+
+def _level_lines(levels: Mapping) -> list[str]:
+    def cells(d: Mapping, key: str, fmt: str = "{:.3f}") -> str:
+        return ", ".join(f"{b}: {fmt.format(v)}" for b, v in zip(d["bucket"], d[key]))
+
+    lines = []
+    if "mode_offsets" in levels:
+        lines.append(f"energy-level offsets between modes (rms nats): {cells(levels['mode_offsets'], 'offset_rms')}")
+    if "integrated" in levels:
+        lines.append(f"relative-energy error vs the teacher's heat equation (rms nats): {cells(levels['integrated'], 'rms')}")
+    if "time_score" in levels:
+        lines.append("time-score error vs the teacher (rms nats per unit ln sigma): "
+                     f"{cells(levels['time_score'], 'rms')}")
+    if "residual" in levels:
+        lines.append(f"residual |D - D_teacher|^2/d: {cells(levels['residual'], 'residual', '{:.2e}')}; teacher "
+                     f"asymmetry: {cells(levels['residual'], 'asymmetry_rel', '{:.2e}')}")
+    return lines
 
 
 def _task(cfg: DictConfig):

@@ -133,10 +133,18 @@ def teacher_asymmetry(teacher: Callable, x: Tensor, sigma: Tensor, cond: Any = N
 
     Returns (asym `[B]` = |J v - J^T v|^2, scale `[B]` = |J v|^2 (estimates |J|_F^2), for a relative asymmetry).
     One jvp (forward mode) and one vjp per probe; falls back to the double-vjp jvp if forward mode is unsupported.
+    A teacher with an exact `energy` (analytic teachers, whose closed-form denoiser is x - sigma^2 grad E to ~1e-13)
+    is differentiated through its energy: autograd through the Box's closed-form score is NaN far outside the box at
+    small sigma (an inf * 0 in the Mills ratio's derivative), through its energy it is finite.
     """
     s2 = append_dims(sigma, x.ndim) ** 2
+    energy = getattr(teacher, "energy", None)
 
     def score_fn(z: Tensor) -> Tensor:
+        if callable(energy) and cond is None:
+            zz = z if z.requires_grad else z.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(energy(zz, sigma).sum(), zz, create_graph=True)
+            return -g
         return (_call(teacher, z, sigma, cond) - z) / s2
 
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
@@ -322,7 +330,8 @@ class DistillationModule(pl.LightningModule):
                  lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0,
                  warmup_steps: int = 0, seed: int = 0, sigma_buckets: Sequence[float] = (0.002, 0.05, 0.2, 1.0, 5.0, 80.0),
                  diagnostics_every_n_steps: int = 0, train_data=None, val_data=None, batch_size: int = 256,
-                 plot: dict | None = None, plot_dir: str | Path | None = None, run_config: dict | None = None):
+                 plot: dict | None = None, plot_dir: str | Path | None = None, run_config: dict | None = None,
+                 level_loss: Callable | None = None):
         super().__init__()
         self.student = student
         self._teacher = _FrozenRef(teacher)
@@ -335,6 +344,7 @@ class DistillationModule(pl.LightningModule):
         self.train_data, self.val_data, self.batch_size = train_data, val_data, int(batch_size)
         self.plot_cfg, self.plot_dir = dict(plot or {}), (Path(plot_dir) if plot_dir else None)
         self.run_config = run_config
+        self.level_loss = level_loss  # fkdiff.levels.LevelLoss: the heat-equation term pinning energy levels
         self._val_outputs: list[dict[str, Tensor]] = []
 
     @property
@@ -387,6 +397,11 @@ class DistillationModule(pl.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         out = self.loss_fn(self.student, self.teacher, x0, cond, self._generator("noise"), (self.global_rank, world))
         loss = out.loss.mean()
+        if self.level_loss is not None:
+            g = torch.Generator().manual_seed(step_seed(self.seed, self.global_step, 0, "levels"))
+            lev = self.level_loss(self.student, self.teacher, x0, cond, g, (self.global_rank, world), self.global_step)
+            loss = loss + lev.loss.mean()
+            self.log("train/level_loss", lev.loss.mean().detach())
         self.log("train/loss", loss, prog_bar=True)
         for name, val in per_bucket_mean(out.loss.detach(), out.sigma, self.sigma_buckets).items():
             self.log(f"train/loss_by_sigma/{name}", val)

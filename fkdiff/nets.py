@@ -25,17 +25,23 @@ __all__ = ["NoiseEmbedding", "CondEmbedding", "MLP", "UNet", "build_backbone"]
 
 
 class NoiseEmbedding(nn.Module):
-    """Sinusoidal features of c_noise (EDM's positional embedding) followed by a 2-layer MLP. `[B] -> [B, dim]`."""
+    """Sinusoidal features of c_noise (EDM's positional embedding) followed by a 2-layer MLP. `[B] -> [B, dim]`.
 
-    def __init__(self, dim: int, num_freqs: int = 32, max_period: float = 10000.0):
+    The features are cos/sin(scale * c_noise * f_k), f_k from 1 down to 1/max_period: the highest frequency is
+    scale / 4 radians per unit ln sigma (c_noise = ln(sigma)/4). The default scale 250 resolves sigma finely; a
+    smaller one makes the network smoother in sigma (energy students whose levels must be consistent across sigma).
+    """
+
+    def __init__(self, dim: int, num_freqs: int = 32, max_period: float = 10000.0, scale: float = 250.0):
         super().__init__()
         freqs = torch.exp(-math.log(max_period) * torch.arange(num_freqs, dtype=torch.float32) / num_freqs)
         self.register_buffer("freqs", freqs, persistent=False)
+        self.scale = float(scale)
         self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, c_noise: Tensor) -> Tensor:
         # c_noise = ln(sigma)/4 lies in about [-1.6, 1.1]; scale up so the frequencies resolve it
-        arg = (250.0 * c_noise.float())[:, None] * self.freqs[None]
+        arg = (self.scale * c_noise.float())[:, None] * self.freqs[None]
         return self.mlp(torch.cat([arg.cos(), arg.sin()], dim=1))
 
 
@@ -116,10 +122,11 @@ class MLP(nn.Module):
     """Residual MLP `F(u [B, d], c_noise [B], cond) -> [B, d]` (Du et al. appendix G: 4 blocks, width 128)."""
 
     def __init__(self, dim: int, width: int = 128, num_blocks: int = 4, emb_dim: int = 128, cond_kind: str = "none",
-                 num_classes: int | None = None, cond_dim: int | None = None, zero_init: bool = True):
+                 num_classes: int | None = None, cond_dim: int | None = None, zero_init: bool = True,
+                 noise_scale: float = 250.0):
         super().__init__()
         self.dim, self.event_shape = dim, (dim,)
-        self.noise_emb = NoiseEmbedding(emb_dim)
+        self.noise_emb = NoiseEmbedding(emb_dim, scale=noise_scale)
         self.cond_emb = CondEmbedding(cond_kind, emb_dim, num_classes, cond_dim)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(_ResBlockMLP(width, emb_dim) for _ in range(num_blocks))
@@ -184,11 +191,12 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 64), num_res_blocks: int = 1,
                  emb_dim: int = 128, attention: bool = False, cond_kind: str = "none",
-                 num_classes: int | None = None, cond_dim: int | None = None, zero_init: bool = True):
+                 num_classes: int | None = None, cond_dim: int | None = None, zero_init: bool = True,
+                 noise_scale: float = 250.0):
         super().__init__()
         channels = tuple(channels)
         self.in_channels, self.levels = in_channels, len(channels)
-        self.noise_emb = NoiseEmbedding(emb_dim)
+        self.noise_emb = NoiseEmbedding(emb_dim, scale=noise_scale)
         self.cond_emb = CondEmbedding(cond_kind, emb_dim, num_classes, cond_dim)
         self.inp = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.down = nn.ModuleList()

@@ -46,6 +46,11 @@ VARIANTS: dict[str, list[str]] = {
     "levels_w0.1_p32": ["distill.levels.weight=0.1", "distill.levels.num_pairs=32"],
     "levels_w0.1_hi0.2": ["distill.levels.weight=0.1", "distill.levels.sigma_hi=0.2"],
     "emb16_levels_w0.1": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1"],
+    "emb16_levels_w0.03": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.03"],
+    "emb16_levels_w0.3": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.3"],
+    "emb16_levels_w0.1_p64": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.num_pairs=64"],
+    "emb4_levels_w0.1": ["+student.backbone.noise_scale=4", "distill.levels.weight=0.1"],
+    "emb16_levels_w0.1_hi0.2": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.sigma_hi=0.2"],
 }
 
 

@@ -183,8 +183,8 @@ def _level_report(student, teacher, ev: Mapping, edges: list, val_set, collate, 
     x0 = x0.to(dev)
     integrated = ev.get("integrated", "auto")
     integrated = not callable(getattr(teacher, "energy", None)) if integrated == "auto" else bool(integrated)
-    return level_report(student, teacher, x0, edges, g, cond=cond, num_probes=int(ev.get("num_probes", 4)),
-                        integrated=integrated)
+    return level_report(student, teacher, x0, edges, g, cond=cond, num_probes=int(ev.get("num_probes", 2)),
+                        integrated=integrated, integrated_samples=int(ev.get("integrated_samples", 64)))
 
 
 def _level_loss(lcfg):

@@ -2,6 +2,7 @@
 an analytic teacher, exact resume after a real kill, DDP on two CPU processes, W&B offline files, every recipe."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -230,7 +231,8 @@ def test_image_recipes_distil_a_small_teacher(recipe, tmp_path):
     base = [f"recipe={recipe}", f"run_dir={tmp_path / 'run'}", "logger.kind=csv", "trainer.enable_progress_bar=false",
             "data.batch_size=8", "distill.max_steps=2", "distill.val_every_n_steps=2", "distill.plot.num_steps=2",
             "distill.plot.num_samples=4", "distill.plot.val_examples=8", "distill.diagnostics_every_n_steps=1",
-            "distill.num_threads=1", *extra]
+            "distill.num_threads=1", "distill.eval.level_samples=4", "distill.eval.num_probes=1",
+            "distill.eval.integrated=false", *extra]  # the integrated level error is tested in test_levels.py
     with pytest.raises(FileNotFoundError, match=f"python -m teachers.train recipe={recipe}"):
         distill(compose(base))  # no teacher.path: says what to run
     cfg = compose(base)
@@ -243,6 +245,11 @@ def test_image_recipes_distil_a_small_teacher(recipe, tmp_path):
     assert run["step"] == 2 and run["warm_start"]  # student.backbone=null: the teacher's architecture, copied
     student = load_energy(run["student_path"])
     assert student.event_shape == tuple(dm.event_shape) and student.f.cond_emb.kind == dm.cond_kind
+    levels = run["levels"]  # the level diagnostics of image students: against the teacher's time score
+    n = len(cfg.distill.sigma_buckets) - 1
+    assert len(levels["time_score"]["rms"]) == n and all(math.isfinite(v) for v in levels["time_score"]["rms"])
+    assert levels["time_score"]["divergence"] == "hutchinson" and "mode_offsets" not in levels
+    assert all(math.isfinite(v) for v in levels["residual"]["residual"] + levels["residual"]["asymmetry_rel"])
     assert list((tmp_path / "run" / "student" / "plots").glob("*.png"))
     assert (tmp_path / "run" / "student" / "csv" / "metrics.csv").is_file()
 

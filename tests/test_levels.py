@@ -9,7 +9,7 @@ import torch
 
 from fkdiff.energy import build_student
 from fkdiff.levels import (LevelLoss, energy_grad_and_time_score, exact_log_overlap, integrated_level_error_by_bucket,
-                           mode_offset_error_by_bucket, product_check_2d, residual_by_bucket, teacher_regions,
+                           level_report, mode_offset_error_by_bucket, product_check_2d, residual_by_bucket, teacher_regions,
                            teacher_relative_energy, teacher_time_score, time_score, time_score_error_by_bucket)
 from teachers import GaussianMixture, gmm_product, ring8, strip
 
@@ -170,6 +170,10 @@ def test_image_shaped_level_diagnostics_with_hutchinson(gen):
     integ = integrated_level_error_by_bucket(_Offset(gmm, c, shape), teacher, x0, edges[:2], gen, **kw)
     assert abs(integ["rms"][0] - c / math.sqrt(2)) < 0.15 and integ["noise_rms"][0] > 0.2, integ
     assert integrated_level_error_by_bucket(teacher, teacher, x0, edges[:2], gen, **kw)["rms"][0] < 0.3
+    # what distillation reports for an image student (fkdiff.distill: distill.eval.*)
+    rep = level_report(teacher, teacher, x0[:8], edges, gen, num_probes=1, integrated=True, integrated_samples=4,
+                       num_sigma_nodes=4)
+    assert set(rep) == {"time_score", "integrated", "residual"} and len(rep["integrated"]["rms"]) == len(edges) - 1
 
 
 def test_product_check_is_exact_on_exact_models_and_sees_a_level_offset():
@@ -205,3 +209,69 @@ def test_box_teacher_asymmetry_is_finite(gen):
         assert (asym <= 1e-20 * scale + 1e-30).all()
     res = residual_by_bucket(band, band, x0.float(), [0.002, 0.01, 1.0], gen)
     assert all(math.isfinite(a) for a in res["asymmetry_rel"]) and max(res["residual"]) < 1e-10
+
+
+# ------------------------------------------------------------------------------------------- distillation
+
+
+class _Rotated:
+    """A non-conservative teacher: ring8's score plus r = alpha R s with R the 90-degree rotation. div(p_sigma r) =
+    p (s . r + div r) = 0 (s . R s = 0; div(R s) = tr(R J) = 0 for J symmetric, R antisymmetric), so r is exactly the
+    part no energy can represent and the projection's answer is ring8 itself. Denoiser D + sigma^2 r."""
+
+    def __init__(self, base, alpha):
+        self.base, self.alpha = base, alpha
+        self.sigma_data, self.sigma_min, self.sigma_max = base.sigma_data, base.sigma_min, base.sigma_max
+        self.rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+
+    def sample(self, n, generator=None):
+        return self.base.sample(n, generator)
+
+    def rotational(self, x, sigma):
+        """sigma^2 r(x) `[B, 2]` (denoiser units)."""
+        s = sigma if torch.is_tensor(sigma) else torch.full((x.shape[0],), float(sigma))
+        return (s.double()[:, None] ** 2 * self.alpha * self.base.score(x.double(), s.double()) @ self.rot.T).to(x.dtype)
+
+    def __call__(self, x, sigma, cond=None):
+        return self.base(x, sigma) + self.rotational(x, sigma)
+
+
+def test_non_conservative_teacher_is_projected_and_the_residual_reports_r(tmp_path):
+    """Distilling ring8 + a rotational field r returns ring8's denoiser where the loss has weight (sigma >= 0.2), and
+    there the residual against the teacher equals |sigma^2 r|^2 / d (and its excess over the exactly conservative
+    ring8 does too: D_theta - D_ring8 is L2(p_sigma)-orthogonal to r at the projection); the asymmetry sees r."""
+    from fkdiff.distillation import DistillationModule, denoiser_error_by_bucket
+    from fkdiff.training import build_trainer
+
+    torch.manual_seed(0)
+    base = ring8()
+    teacher = _Rotated(base, alpha=1.0)
+    data = base.sample(8192, torch.Generator().manual_seed(0)).float()
+    st = build_student((2,), base.sigma_data, "l2", backbone=dict(width=64, num_blocks=2))
+    module = DistillationModule(st, teacher, p_mean=-1.0, p_std=1.2, lr=2e-3, warmup_steps=50, seed=0,
+                                train_data=([{"x": x} for x in data], None), batch_size=256,
+                                plot={"enabled": False})
+    trainer = build_trainer({"max_steps": 400, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                             "num_sanity_val_steps": 0,
+                             "limit_val_batches": 0, "inference_mode": False, "gradient_clip_val": 1.0,
+                             "enable_model_summary": False}, tmp_path, logger=None, ema_decay=0.99)
+    trainer.fit(module)
+    st.eval()
+    edges = [0.2, 1.0, 5.0]
+    g = torch.Generator().manual_seed(1)
+    x0 = base.sample(4096, g).float()
+    res = residual_by_bucket(st, teacher, x0, edges, torch.Generator().manual_seed(2), control=(st, base))
+    to_cons = denoiser_error_by_bucket(st, base, x0, edges, torch.Generator().manual_seed(2))
+    # |sigma^2 r|^2 / d on the same (x, sigma) draws as residual_by_bucket
+    g2 = torch.Generator().manual_seed(2)
+    rot = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        u = torch.rand(x0.shape[0], generator=g2, dtype=torch.float64)
+        sig = (math.log(lo) + u * (math.log(hi) - math.log(lo))).exp().float()
+        x = x0 + sig[:, None] * torch.randn(x0.shape, generator=g2)
+        rot.append(float(teacher.rotational(x, sig).pow(2).sum(1).mean() / 2))
+    for i in range(len(edges) - 1):
+        assert to_cons["excess"][i] < 0.05 * 2 * rot[i], (to_cons, rot)       # projected onto the conservative part
+        assert abs(res["residual"][i] - rot[i]) < 0.1 * rot[i], (res, rot)     # the residual reports r
+        assert abs(res["excess_residual"][i] - rot[i]) < 0.1 * rot[i], (res, rot)
+        assert res["asymmetry_rel"][i] > 0.1

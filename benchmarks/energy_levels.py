@@ -50,6 +50,18 @@ VARIANTS: dict[str, list[str]] = {
     "emb16_levels_w0.3": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.3"],
     "emb16_levels_w0.1_p64": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.num_pairs=64"],
     "emb4_levels_w0.1": ["+student.backbone.noise_scale=4", "distill.levels.weight=0.1"],
+    "emb16_shared_w0.1_p64": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.num_pairs=64",
+                              "+distill.levels.shared=true"],
+    "emb16_shared_w0.1_p32": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.num_pairs=32",
+                              "+distill.levels.shared=true"],
+    "emb16_shared_w0.3_p64": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.3", "distill.levels.num_pairs=64",
+                              "+distill.levels.shared=true"],
+    "emb16_shared_w0.03_p64": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.03", "distill.levels.num_pairs=64",
+                               "+distill.levels.shared=true"],
+    "emb16_shared_w0.1_p64_hi0.2": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.num_pairs=64",
+                                    "+distill.levels.shared=true", "distill.levels.sigma_hi=0.2"],
+    "emb4_shared_w0.1_p64": ["+student.backbone.noise_scale=4", "distill.levels.weight=0.1", "distill.levels.num_pairs=64",
+                             "+distill.levels.shared=true"],
     "emb16_levels_w0.1_hi0.2": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.sigma_hi=0.2"],
 }
 
@@ -102,7 +114,7 @@ def save_result(out: Path, res: dict) -> None:
 def step_time(names: list[str], steps: int = 60, repeats: int = 3) -> dict:
     """Median training-step time (forward, loss, backward, Adam step) of each variant's loss on the ring8 student,
     interleaved with the baseline in one process (the ratio is what holds on a shared machine)."""
-    from fkdiff.distill import _build_student, _jobs, _level_loss
+    from fkdiff.distill import _build_student, _jobs, _level_loss, _levels
     from fkdiff.distillation import DenoiserMatchingLoss, step_seed
     from fkdiff.recipes import compose
 
@@ -114,7 +126,15 @@ def step_time(names: list[str], steps: int = 60, repeats: int = 3) -> dict:
         ((_, teacher, dm),) = _jobs(cfg)
         torch.manual_seed(0)
         student, _ = _build_student(cfg, teacher, dm)
-        loss_fn = DenoiserMatchingLoss(student.sigma_data, "teacher", float(cfg.distill.p_mean), float(cfg.distill.p_std))
+        shared = _levels(cfg.distill.get("levels"))
+        if shared:
+            from fkdiff.levels import LevelMatchingLoss
+
+            loss_fn = LevelMatchingLoss(student.sigma_data, "teacher", float(cfg.distill.p_mean),
+                                        float(cfg.distill.p_std), **shared)
+        else:
+            loss_fn = DenoiserMatchingLoss(student.sigma_data, "teacher", float(cfg.distill.p_mean),
+                                           float(cfg.distill.p_std))
         setups[n] = (student, teacher, loss_fn, _level_loss(cfg.distill.get("levels")),
                      torch.optim.Adam(student.parameters(), lr=1e-3), dm.sigma_data)
     x_all = setups["baseline"][1].sample(256 * steps, generator=torch.Generator().manual_seed(0)).float()
@@ -127,6 +147,8 @@ def step_time(names: list[str], steps: int = 60, repeats: int = 3) -> dict:
                 t0 = time.perf_counter()
                 out = loss_fn(student, teacher, x0, None, torch.Generator().manual_seed(k))
                 loss = out.loss.mean()
+                if getattr(out, "level_loss", None) is not None:
+                    loss = loss + out.level_loss.mean()
                 if level is not None:
                     loss = loss + level(student, teacher, x0, None, torch.Generator().manual_seed(step_seed(0, k))).loss.mean()
                 opt.zero_grad(set_to_none=True)

@@ -128,7 +128,7 @@ def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> Stud
         train_data=(train_loader.dataset, train_loader.collate_fn),
         val_data=(val_loader.dataset, val_loader.collate_fn), batch_size=int(cfg.data.batch_size),
         plot=_container(dcfg.plot), plot_dir=sub / "plots", run_config=_container(cfg),
-        level_loss=_level_loss(dcfg.get("levels")))
+        level_loss=_level_loss(dcfg.get("levels")), levels=_levels(dcfg.get("levels")))
     tr = _container(cfg.trainer)
     if dcfg.get("max_steps"):
         tr["max_steps"] = int(dcfg.max_steps)
@@ -191,10 +191,20 @@ def _level_loss(lcfg):
     """The level term (fkdiff.levels.LevelLoss) from `distill.levels`, or None when its weight is 0."""
     from fkdiff.levels import LevelLoss
 
-    lcfg = _container(lcfg) or {}
-    if not float(lcfg.get("weight", 0.0)):
+    lcfg = dict(_container(lcfg) or {})
+    if not float(lcfg.get("weight", 0.0)) or lcfg.pop("shared", False):
         return None
     return LevelLoss(**lcfg)
+
+
+def _levels(lcfg):
+    lcfg = dict(_container(lcfg) or {})
+    if not float(lcfg.get("weight", 0.0)) or not lcfg.pop("shared", False):
+        return None
+    lcfg.pop("warmup_steps", None)
+    if lcfg.get("num_pairs") is None:
+        lcfg.pop("num_pairs", None)
+    return lcfg
 
 
 def _finish_wandb(logger) -> None:

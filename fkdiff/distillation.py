@@ -331,13 +331,18 @@ class DistillationModule(pl.LightningModule):
                  warmup_steps: int = 0, seed: int = 0, sigma_buckets: Sequence[float] = (0.002, 0.05, 0.2, 1.0, 5.0, 80.0),
                  diagnostics_every_n_steps: int = 0, train_data=None, val_data=None, batch_size: int = 256,
                  plot: dict | None = None, plot_dir: str | Path | None = None, run_config: dict | None = None,
-                 level_loss: Callable | None = None):
+                 level_loss: Callable | None = None, levels: dict | None = None):
         super().__init__()
         self.student = student
         self._teacher = _FrozenRef(teacher)
         if teacher is not None and isinstance(teacher, torch.nn.Module):
             teacher.requires_grad_(False).eval()
-        self.loss_fn = DenoiserMatchingLoss(sigma_data or student.sigma_data, target, p_mean, p_std, weighting)
+        if levels:  # the level term rides on the projection loss's forward pass (fkdiff.levels, issue 9)
+            from fkdiff.levels import LevelMatchingLoss
+
+            self.loss_fn = LevelMatchingLoss(sigma_data or student.sigma_data, target, p_mean, p_std, weighting, **levels)
+        else:
+            self.loss_fn = DenoiserMatchingLoss(sigma_data or student.sigma_data, target, p_mean, p_std, weighting)
         self.lr, self.betas, self.weight_decay, self.warmup_steps = float(lr), tuple(betas), float(weight_decay), int(warmup_steps)
         self.seed, self.sigma_buckets = int(seed), [float(e) for e in sigma_buckets]
         self.diagnostics_every_n_steps = int(diagnostics_every_n_steps or 0)
@@ -397,6 +402,9 @@ class DistillationModule(pl.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         out = self.loss_fn(self.student, self.teacher, x0, cond, self._generator("noise"), (self.global_rank, world))
         loss = out.loss.mean()
+        if getattr(out, "level_loss", None) is not None:  # LevelMatchingLoss
+            loss = loss + out.level_loss.mean()
+            self.log("train/level_loss", out.level_loss.mean().detach())
         if self.level_loss is not None:
             g = torch.Generator().manual_seed(step_seed(self.seed, self.global_step, 0, "levels"))
             lev = self.level_loss(self.student, self.teacher, x0, cond, g, (self.global_rank, world), self.global_step)

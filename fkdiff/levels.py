@@ -49,9 +49,10 @@ import torch
 from torch import Tensor
 
 from fkdiff.diffusion import append_dims, as_sigma
+from fkdiff.distillation import DenoiserMatchingLoss  # the projection loss the level term rides on (LevelMatchingLoss)
 
 __all__ = ["teacher_time_score", "energy_grad_and_time_score", "time_score", "PairSigmaLaw", "LevelLoss",
-           "LevelOutput", "teacher_regions", "mode_offset_error_by_bucket", "time_score_error_by_bucket",
+           "LevelOutput", "LevelMatchingLoss", "LevelMatchingOutput", "teacher_regions", "mode_offset_error_by_bucket", "time_score_error_by_bucket",
            "teacher_relative_energy", "integrated_level_error_by_bucket", "residual_by_bucket", "level_report",
            "log_integral_2d", "exact_log_overlap", "product_check_2d", "product_check_smc"]
 
@@ -234,6 +235,84 @@ class LevelLoss:
         dq = q[:pr] - q[pr:]
         w = self.weight * self.ramp(step)
         return LevelOutput(w * 0.5 * dq.pow(2), sig, dq.detach(), (target[:pr] - target[pr:]).detach())
+
+
+class LevelMatchingOutput(NamedTuple):
+    loss: Tensor         # [B] lambda(sigma) |D_theta - target|^2, as DenoiserMatchingLoss
+    sigma: Tensor        # [B]
+    x_noisy: Tensor      # [B, *event]
+    denoised: Tensor     # [B, *event]
+    target: Tensor       # [B, *event]
+    level_loss: Tensor   # [P] w (q_a - q_b)^2 / 2 per pair, eq. (3)
+    level_sigma: Tensor  # [P]
+    dq: Tensor           # [P] q_a - q_b (detached)
+
+
+class LevelMatchingLoss(DenoiserMatchingLoss):
+    """The projection loss plus the level term (3) on the same forward pass (one autograd call gives grad_x E for
+    the denoiser and sigma dE/dsigma for the time score).
+
+    P pairs per global batch (`num_pairs`) take rows j and j + B/2 (rank-local rows i and i + B_local/2, as
+    `LevelLoss`); their common sigma is drawn log-uniformly in [sigma_lo, sigma_hi] instead of from the training
+    law, so the projection loss sees the mixture (1 - 2P/B) LogNormal(p_mean, p_std) + (2P/B) LogUniform, i.e.
+    more mass at small sigma (where the levels are set). Returns `LevelMatchingOutput`: the per-row projection
+    loss and the per-pair level loss (the training step adds their means).
+    """
+
+    def __init__(self, sigma_data: float, target: str = "teacher", p_mean: float = -1.2, p_std: float = 1.2,
+                 weighting: str = "edm", *, weight: float = 0.1, sigma_lo: float = 0.002, sigma_hi: float = 1.0,
+                 num_pairs: int = 64, divergence: str = "auto", num_probes: int = 1, exact_max_dim: int = 8,
+                 fd_step: float | None = None):
+        super().__init__(sigma_data, target, p_mean, p_std, weighting)
+        if weight < 0:
+            raise ValueError(f"level term: weight must be >= 0, got {weight}")
+        if int(num_pairs) < 1:
+            raise ValueError(f"level term: num_pairs must be >= 1, got {num_pairs}")
+        if divergence not in ("auto", "exact", "hutchinson"):
+            raise ValueError(f"level term: divergence must be auto, exact or hutchinson, got {divergence!r}")
+        self.level_weight, self.law, self.num_pairs = float(weight), PairSigmaLaw(sigma_lo, sigma_hi), int(num_pairs)
+        self.divergence, self.num_probes, self.exact_max_dim = divergence, int(num_probes), int(exact_max_dim)
+        self.fd_step = fd_step
+
+    def pair_rows(self, batch: int, world: int) -> tuple[int, int]:
+        """(P_r pairs on this rank, B_local / 2)."""
+        p = self.num_pairs
+        if batch % 2 or p % world or p // world > batch // 2:
+            raise ValueError(f"level term: num_pairs={p} must be a multiple of the {world} processes and at most "
+                             f"half the per-process batch ({batch}, which must be even)")
+        return p // world, batch // 2
+
+    def draw(self, x0: Tensor, generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor]:
+        sigma, eps = super().draw(x0, generator, shard)
+        rank, world = shard
+        pr, half = self.pair_rows(x0.shape[0], world)
+        sig = self.law.draw(self.num_pairs, generator)[rank::world].to(sigma)
+        sigma = sigma.clone()
+        sigma[:pr], sigma[half:half + pr] = sig, sig
+        return sigma, eps
+
+    def __call__(self, student, teacher, x0, cond, generator, shard=(0, 1)) -> LevelMatchingOutput:
+        if teacher is None:
+            raise ValueError("the level term needs a teacher (its time score is the target)")
+        sigma, eps = self.draw(x0, generator, shard)
+        x_noisy = x0 + append_dims(sigma, x0.ndim) * eps
+        with torch.no_grad():
+            d_teacher = _call(teacher, x_noisy, sigma, cond).to(x0.dtype)
+        target = d_teacher if self.target == "teacher" else x0
+        train = student.training and torch.is_grad_enabled()
+        _, grad, ts = energy_grad_and_time_score(student, x_noisy, sigma, cond, create_graph=train)
+        denoised = x_noisy - append_dims(sigma, x0.ndim) ** 2 * grad
+        loss = self.weight(sigma) * (denoised - target).flatten(1).pow(2).sum(1)
+        pr, half = self.pair_rows(x0.shape[0], shard[1])
+        rows = torch.cat([torch.arange(pr), half + torch.arange(pr)]).to(x0.device)
+        c = None if cond is None else cond[rows]
+        div = _divergence_kind(self.divergence, x0[0].numel(), self.exact_max_dim)
+        t = teacher_time_score(teacher, x_noisy[rows], sigma[rows], c, divergence=div, num_probes=self.num_probes,
+                               step=self.fd_step, generator=generator, denoised=d_teacher[rows])
+        q = ts[rows] - t.to(ts.dtype)
+        dq = q[:pr] - q[pr:]
+        return LevelMatchingOutput(loss, sigma, x_noisy, denoised, target, self.level_weight * 0.5 * dq.pow(2),
+                                   sigma[:pr], dq.detach())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from fkdiff.diffusion import append_dims, as_sigma, check_batch, vp_sigma_from_alpha_bar
+from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, vp_sigma_from_alpha_bar
+from teachers.load import teacher_kind
 
 __all__ = [
     "make_alphas_cumprod",
@@ -191,7 +192,7 @@ class EDMNetDenoiser(nn.Module):
 
     `label_dim > 0`: integer labels `[B]` become one-hot `[B, label_dim]` (label -1 -> all zeros, EDM's
     "no label"); float `[B, label_dim]` tensors pass through. sigma_min / sigma_max default to the net's own
-    attributes, limited to EDM's sampler defaults [0.002, 80] (EDMPrecond declares [0, inf]).
+    attributes, limited to EDM's sampler defaults [SIGMA_MIN, SIGMA_MAX] (EDMPrecond declares [0, inf]).
     """
 
     def __init__(self, net: Callable, *, sigma_data: float | None = None, sigma_min: float | None = None,
@@ -199,8 +200,9 @@ class EDMNetDenoiser(nn.Module):
         super().__init__()
         self.net = net
         self.sigma_data = float(sigma_data if sigma_data is not None else getattr(net, "sigma_data", 0.5))
-        self.sigma_min = float(sigma_min if sigma_min is not None else max(0.002, float(getattr(net, "sigma_min", 0))))
-        self.sigma_max = float(sigma_max if sigma_max is not None else min(80.0, float(getattr(net, "sigma_max", 80))))
+        own_min, own_max = float(getattr(net, "sigma_min", 0)), float(getattr(net, "sigma_max", SIGMA_MAX))
+        self.sigma_min = float(sigma_min if sigma_min is not None else max(SIGMA_MIN, own_min))
+        self.sigma_max = float(sigma_max if sigma_max is not None else min(SIGMA_MAX, own_max))
         self.label_dim = int(label_dim if label_dim is not None else getattr(net, "label_dim", 0) or 0)
 
     def forward(self, x: Tensor, sigma: float | Tensor, cond: Any = None) -> Tensor:
@@ -326,3 +328,62 @@ def from_diffusers(unet: Any, scheduler: Any = None, *, alphas_cumprod: Tensor |
         unet = unet.to(device)
     return vp_denoiser(DiffusersUNet(unet), alphas_cumprod, prediction, sigma_data=sigma_data, clamp=clamp,
                        t_mode=t_mode).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# teacher kinds: `teacher.kind=<name>` loaders (registry in teachers.load; keys in fkdiff/conf/teacher/<name>.yaml)
+# --------------------------------------------------------------------------------------------------------------------
+def _get(cfg, key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def _import_target(target: str):
+    import importlib
+
+    module, _, attr = str(target).partition(":")
+    if not attr:
+        raise ValueError(f"target must look like 'package.module:callable', got {target!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+@teacher_kind("vp")
+def load_vp(cfg, device=None) -> DiscreteVPDenoiser:
+    """`teacher.kind=vp`: the net built by `target(**target_kwargs)`, weights from `path`, schedule from `schedule`
+    (or the tensor file `alphas_cumprod`), output type `prediction`."""
+    target = cfg.get("target")
+    if not target:
+        raise ValueError("teacher.kind=vp needs teacher.target='package.module:callable' building the network")
+    net = _import_target(target)(**dict(_get(cfg, "target_kwargs", {})))
+    if cfg.get("path"):
+        p = Path(cfg["path"])
+        if not p.is_file():
+            raise FileNotFoundError(f"VP teacher weights {p} not found (teacher.path)")
+        net.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+    if cfg.get("alphas_cumprod"):
+        p = Path(cfg["alphas_cumprod"])
+        if not p.is_file():
+            raise FileNotFoundError(f"alphas_cumprod file {p} not found (teacher.alphas_cumprod)")
+        abar = torch.load(p, map_location="cpu", weights_only=True)
+    else:
+        abar = make_alphas_cumprod(**dict(_get(cfg, "schedule", {})))
+    den = vp_denoiser(net, abar, str(_get(cfg, "prediction", "eps")), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
+                      clamp=bool(_get(cfg, "clamp", False)), t_mode=str(_get(cfg, "t_mode", "interpolate")))
+    return den.to(device).eval().requires_grad_(False)
+
+
+@teacher_kind("edm_pickle")
+def _load_edm_pickle_kind(cfg, device=None) -> EDMNetDenoiser:
+    if not cfg.get("path"):
+        raise ValueError("teacher.kind=edm_pickle needs teacher.path (an NVlabs/edm network-snapshot-*.pkl)")
+    return load_edm_pickle(cfg.get("path"), allow_pickle=bool(_get(cfg, "allow_pickle", False)),
+                           code_dir=cfg.get("code_dir"), key=str(_get(cfg, "key", "ema")), device=device)
+
+
+@teacher_kind("diffusers")
+def _load_diffusers_kind(cfg, device=None) -> DiscreteVPDenoiser:
+    if not cfg.get("path"):
+        raise ValueError("teacher.kind=diffusers needs teacher.path (a UNet2DModel or pipeline folder)")
+    return from_diffusers(cfg["path"], prediction=cfg.get("prediction"), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
+                          clamp=bool(_get(cfg, "clamp", False)), t_mode=str(_get(cfg, "t_mode", "interpolate")),
+                          device=device)

@@ -10,7 +10,7 @@ Before composing, `register()` stores in Hydra's ConfigStore
   `recipes/` next to the `fkdiff` package, and `<sys.prefix>/share/fkdiff/recipes` (a non-editable install), so they
   work from any working directory;
 - `diffusion`: EDM's constants from `fkdiff.diffusion` (sigma_min, sigma_max, p_mean, p_std), so the config reads
-  `${diffusion.p_mean}` instead of writing -1.2 again;
+  `${diffusion.p_mean}` instead of writing the numbers again;
 - the alias groups `teacher.kind` and `logger.kind`: `teacher.kind=vp` selects `teacher=vp` (a group option has
   only its kind's keys, so a plain value override could not bring them).
 

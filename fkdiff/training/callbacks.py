@@ -14,10 +14,12 @@ the global step, not the epoch:
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 __all__ = ["StepCheckpoint", "FinalCheckpoint", "StepProgressBar"]
 
@@ -46,25 +48,33 @@ class FinalCheckpoint(Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """tqdm bar over optimizer steps, `step k/max_steps [elapsed<ETA, rate]`, continuing at the restored step."""
+    """tqdm bar over optimizer steps, `step: k/max_steps [elapsed<ETA, rate]`, starting at the restored step.
 
-    def _counts_steps(self, trainer: pl.Trainer) -> bool:
-        return trainer.max_steps is not None and trainer.max_steps > 0
+    One bar for the whole run (the endless loader makes one epoch): created at train start, when a resumed run's
+    global step is already restored, with `initial` = that step, so tqdm's rate and ETA count this session's steps.
+    Without `max_steps` it is Lightning's bar.
+    """
+
+    def _counts_steps(self) -> bool:
+        return self.trainer.max_steps is not None and self.trainer.max_steps > 0
+
+    def init_train_tqdm(self) -> Tqdm:
+        if not self._counts_steps():
+            return super().init_train_tqdm()
+        return Tqdm(desc="step", total=self.trainer.max_steps, initial=self.trainer.global_step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        if self._counts_steps(trainer):
-            bar = self.train_progress_bar
-            bar.reset(total=trainer.max_steps)
-            bar.initial = bar.n = bar.last_print_n = trainer.global_step  # rate and ETA from this session's steps
-            bar.set_description("step")
+        if not self._counts_steps():
+            super().on_train_epoch_start(trainer, *args)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self._counts_steps(trainer):
+        if not self._counts_steps():
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         bar, n = self.train_progress_bar, trainer.global_step
-        if self.is_enabled and bar is not None and (n % self.refresh_rate == 0 or n == bar.total):
+        if self.is_enabled and (n % self.refresh_rate == 0 or n == bar.total):
             bar.n = n
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
         return None

@@ -116,7 +116,7 @@ def test_help_lists_groups_recipes_and_key_options():
     out = res.stdout
     assert "This is the distill entry point" in out
     for line in ("recipe: cifar10, digits, shapes, toy2d", "teacher: analytic, checkpoint, diffusers, edm_pickle, vp",
-                 "logger: csv, none, tensorboard, wandb", "data: cifar10, digits, shapes, toy2d"):
+                 "logger: csv, none, tensorboard, wandb", "data: cifar10, digits, moons, shapes, toy2d"):
         assert line in out, out
     for key in ("distill.max_steps", "teacher.path", "distill.ckpt_path=last", "--cfg job"):
         assert key in out

@@ -36,6 +36,7 @@ __all__ = [
     "ShapesDataModule",
     "DigitsDataModule",
     "CIFAR10DataModule",
+    "MoonsDataModule",
     "DATAMODULES",
     "build_datamodule",
 ]
@@ -320,6 +321,39 @@ class CIFAR10DataModule(_InMemoryDataModule):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# moons
+
+
+class MoonsDataModule(_InMemoryDataModule):
+    """scikit-learn's two interleaving half circles (`sklearn.datasets.make_moons`, offline), centred at the origin:
+    `num_samples` points drawn once from `seed` with Gaussian noise of std `noise`, the last `val_fraction` for
+    validation. A 2D dataset with no closed-form density: the trained-teacher path (`python -m teachers.train
+    data=moons`, then `fkdiff.distill teacher=checkpoint`) in minutes on a CPU. Unconditional."""
+
+    name = "moons"
+    event_shape = (2,)
+
+    def __init__(self, num_samples: int = 65536, noise: float = 0.05, val_fraction: float = 0.1,
+                 batch_size: int = 256, num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None):
+        super().__init__(batch_size, num_workers, seed, val_batch_size)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+            raise ValueError(f"moons: num_samples must be an int >= 2, got {num_samples!r}")
+        if not (isinstance(noise, (int, float)) and noise >= 0):
+            raise ValueError(f"moons: noise must be a float >= 0, got {noise!r}")
+        self.num_samples, self.noise = num_samples, float(noise)
+        self.val_fraction = self._check_fraction(val_fraction, self.name)
+
+    def _build(self) -> None:
+        from sklearn.datasets import make_moons
+
+        x, _ = make_moons(self.num_samples, noise=self.noise, random_state=self.seed)
+        x = torch.as_tensor(x, dtype=torch.float32) - torch.tensor([0.5, 0.25])  # the half circles' joint centre
+        tr, va = _split(self.num_samples, self.val_fraction, None)  # iid draws (make_moons shuffles): first / last
+        self.train_set, self.val_set = ArrayDataset(x[tr]), ArrayDataset(x[va])
+        self._sigma_data = _pooled_rms(x[tr])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # registry
 
 
@@ -328,6 +362,7 @@ DATAMODULES: dict[str, type[_InMemoryDataModule]] = {
     "shapes": ShapesDataModule,
     "digits": DigitsDataModule,
     "cifar10": CIFAR10DataModule,
+    "moons": MoonsDataModule,
 }
 
 

@@ -19,6 +19,11 @@ adapter was built with `clamp=True` (then t is clamped to [0, T-1] while x_t sti
 
 EDM-style nets: `EDMNetDenoiser` wraps a net that already returns D (`net(x, sigma, class_labels)`, e.g. NVlabs/edm's
 `EDMPrecond`); a raw backbone F(c_in x, c_noise, cond) is wrapped by `teachers.EDMDenoiser` (EDM preconditioning).
+Continuous variance-exploding nets `net(x_sigma, sigma[, cond])` (score-SDE VE models, k-diffusion-style models, your
+own), one class per output type:
+    x0-prediction:      D = net(x, sigma)                       (`VEDenoiser`)
+    eps-prediction:     D = x - sigma * eps_hat(x, sigma)        (`VEEpsDenoiser`)
+    score-prediction:   D = x + sigma^2 * s_hat(x, sigma)        (`VEScoreDenoiser`, Tweedie)
 `load_edm_pickle` reads NVlabs/edm `network-snapshot-*.pkl` files. Pickles execute code while loading, so it refuses
 unless `allow_pickle=True`, and it needs EDM's own modules (`dnnlib`, `torch_utils`) importable (`code_dir=`).
 
@@ -38,7 +43,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, vp_sigma_from_alpha_bar
+from fkdiff.diffusion import (SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, denoiser_from_eps,
+                              denoiser_from_score, vp_sigma_from_alpha_bar)
 from teachers.load import teacher_kind
 
 __all__ = [
@@ -50,6 +56,10 @@ __all__ = [
     "VP_ADAPTERS",
     "vp_denoiser",
     "EDMNetDenoiser",
+    "VEDenoiser",
+    "VEEpsDenoiser",
+    "VEScoreDenoiser",
+    "VE_ADAPTERS",
     "load_edm_pickle",
     "DiffusersUNet",
     "from_diffusers",
@@ -220,6 +230,54 @@ class EDMNetDenoiser(nn.Module):
         return self.net(x, sigma, cond)
 
 
+class VEDenoiser(nn.Module):
+    """A continuous variance-exploding net `net(x_sigma, sigma[, cond])` predicting x0, seen as `D(x, sigma, cond)`.
+
+    Subclasses convert other output types (`denoise_from_output`, the one method they override). `sigma_min` /
+    `sigma_max` / `sigma_data` describe the range and data scale the net was trained for (EDM's defaults).
+    """
+
+    prediction = "x0"
+
+    def __init__(self, net: Callable, *, sigma_data: float = 0.5, sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX):
+        super().__init__()
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.net = net
+        self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
+
+    def denoise_from_output(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+        return out
+
+    def forward(self, x: Tensor, sigma: float | Tensor, cond: Any = None) -> Tensor:
+        check_batch(x)
+        sigma = as_sigma(sigma, x)
+        out = self.net(x, sigma) if cond is None else self.net(x, sigma, cond)
+        return self.denoise_from_output(out.to(x.dtype), x, sigma)
+
+
+class VEEpsDenoiser(VEDenoiser):
+    """eps-prediction: D = x - sigma eps_hat."""
+
+    prediction = "eps"
+
+    def denoise_from_output(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+        return denoiser_from_eps(out, x, sigma)
+
+
+class VEScoreDenoiser(VEDenoiser):
+    """score-prediction: D = x + sigma^2 s_hat (Tweedie)."""
+
+    prediction = "score"
+
+    def denoise_from_output(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+        return denoiser_from_score(out, x, sigma)
+
+
+VE_ADAPTERS = {cls.prediction: cls for cls in (VEDenoiser, VEEpsDenoiser, VEScoreDenoiser)}
+
+
 @contextmanager
 def _on_sys_path(code_dir: str | Path | None):
     if code_dir is None:
@@ -347,19 +405,25 @@ def _import_target(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-@teacher_kind("vp")
-def load_vp(cfg, device=None) -> DiscreteVPDenoiser:
-    """`teacher.kind=vp`: the net built by `target(**target_kwargs)`, weights from `path`, schedule from `schedule`
-    (or the tensor file `alphas_cumprod`), output type `prediction`."""
+def _target_net(cfg, kind: str) -> nn.Module:
+    """The network `target(**target_kwargs)` of a `kind` config, with the state_dict at `path` when given."""
     target = cfg.get("target")
     if not target:
-        raise ValueError("teacher.kind=vp needs teacher.target='package.module:callable' building the network")
+        raise ValueError(f"teacher.kind={kind} needs teacher.target='package.module:callable' building the network")
     net = _import_target(target)(**dict(_get(cfg, "target_kwargs", {})))
     if cfg.get("path"):
         p = Path(cfg["path"])
         if not p.is_file():
-            raise FileNotFoundError(f"VP teacher weights {p} not found (teacher.path)")
+            raise FileNotFoundError(f"{kind} teacher weights {p} not found (teacher.path)")
         net.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+    return net
+
+
+@teacher_kind("vp")
+def load_vp(cfg, device=None) -> DiscreteVPDenoiser:
+    """`teacher.kind=vp`: the net built by `target(**target_kwargs)`, weights from `path`, schedule from `schedule`
+    (or the tensor file `alphas_cumprod`), output type `prediction`."""
+    net = _target_net(cfg, "vp")
     if cfg.get("alphas_cumprod"):
         p = Path(cfg["alphas_cumprod"])
         if not p.is_file():
@@ -369,6 +433,19 @@ def load_vp(cfg, device=None) -> DiscreteVPDenoiser:
         abar = make_alphas_cumprod(**dict(_get(cfg, "schedule", {})))
     den = vp_denoiser(net, abar, str(_get(cfg, "prediction", "eps")), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
                       clamp=bool(_get(cfg, "clamp", False)), t_mode=str(_get(cfg, "t_mode", "interpolate")))
+    return den.to(device).eval().requires_grad_(False)
+
+
+@teacher_kind("ve")
+def load_ve(cfg, device=None) -> VEDenoiser:
+    """`teacher.kind=ve`: the continuous VE net built by `target(**target_kwargs)`, weights from `path`, output type
+    `prediction` (x0 | eps | score), trained range `sigma_min`..`sigma_max`, data scale `sigma_data`."""
+    prediction = str(_get(cfg, "prediction", "x0"))
+    if prediction not in VE_ADAPTERS:
+        raise ValueError(f"teacher.prediction={prediction!r} for teacher.kind=ve; use one of {', '.join(VE_ADAPTERS)}")
+    den = VE_ADAPTERS[prediction](_target_net(cfg, "ve"), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
+                                  sigma_min=float(_get(cfg, "sigma_min", SIGMA_MIN)),
+                                  sigma_max=float(_get(cfg, "sigma_max", SIGMA_MAX)))
     return den.to(device).eval().requires_grad_(False)
 
 

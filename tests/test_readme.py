@@ -49,11 +49,11 @@ SHIM = {
     # the venv's python, composing the config only: `--cfg job` makes Hydra print the job config and exit, after
     # parsing every override and composing every group and recipe (what a training or sampling run would start from)
     "python": '#!/bin/sh\nexec "{python}" "$@" --cfg job\n',
-    # torchrun: its own argument parser validates the launcher flags, then one process composes the config
-    "torchrun": ('#!{python}\nimport os, sys\nfrom torch.distributed.run import get_args_parser\n'
+    # torchrun: its own argument parser validates the launcher flags, then one process (this one) composes the config
+    "torchrun": ('#!{python}\nimport runpy, sys\nfrom torch.distributed.run import get_args_parser\n'
                  'args = get_args_parser().parse_args(sys.argv[1:])\nassert args.module, "torchrun without -m"\n'
-                 'os.execv("{python}", ["{python}", "-m", args.training_script, *args.training_script_args, '
-                 '"--cfg", "job"])\n'),
+                 'sys.argv = [args.training_script, *args.training_script_args, "--cfg", "job"]\n'
+                 'runpy.run_module(args.training_script, run_name="__main__", alter_sys=True)\n'),
     # SLURM: srun drops its own options and runs the command; scontrol names this host
     "srun": '#!/bin/sh\nwhile [ $# -gt 0 ]; do case "$1" in -*) shift;; *) break;; esac; done\nexec "$@"\n',
     "scontrol": '#!/bin/sh\necho localhost\n',

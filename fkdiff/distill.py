@@ -144,7 +144,7 @@ def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> Stud
     trainer = build_trainer(tr, sub, logger=logger, ema_decay=dcfg.get("ema_decay"),
                             callbacks=[FinalCheckpoint()])
     ckpt = resolve_ckpt_path(dcfg.get("ckpt_path"), sub)
-    trainer.fit(module, ckpt_path=ckpt)
+    trainer.fit(module, ckpt_path=ckpt, weights_only=True)  # resume never unpickles code (any torch version)
     _finish_wandb(logger)
     result = StudentRun(name=name, student=student, teacher=teacher, run_dir=str(sub), warm_start=warm,
                         step=int(trainer.global_step), checkpoint=str(sub / "checkpoints" / "last.ckpt"))

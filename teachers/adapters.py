@@ -245,7 +245,10 @@ def load_edm_pickle(path: str | Path, *, allow_pickle: bool = False, code_dir: s
     of github.com/NVlabs/edm>` or put it on PYTHONPATH. `kwargs` go to `EDMNetDenoiser`.
     """
     path = Path(path)
-    if not allow_pickle:
+    if allow_pickle is not True:  # only the boolean True opts in: "false", "no", 1, ... never unpickle
+        if allow_pickle not in (False, None):
+            raise TypeError(f"allow_pickle must be the boolean True or False, got {allow_pickle!r} "
+                            f"({type(allow_pickle).__name__}); refusing to unpickle {path}")
         raise PermissionError(
             f"refusing to unpickle {path}: pickles execute arbitrary code while loading. If you trust the file, pass "
             "allow_pickle=True (config: teacher.allow_pickle=true).")

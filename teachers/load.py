@@ -29,7 +29,7 @@ from torch import nn
 
 from teachers.edm import EDMDenoiser
 
-__all__ = ["FORMAT", "TEACHER_KINDS", "save_teacher", "load_teacher", "load_teacher_checkpoint"]
+__all__ = ["FORMAT", "TEACHER_KINDS", "save_teacher", "load_teacher", "load_teacher_checkpoint", "strict_bool"]
 
 FORMAT = "fkdiff.teacher/1"
 TEACHER_KINDS = ("analytic", "checkpoint", "vp", "edm_pickle", "diffusers")
@@ -77,6 +77,17 @@ def load_teacher_checkpoint(path: str | Path, device: torch.device | str | None 
     denoiser = EDMDenoiser.from_spec(spec)
     denoiser.load_state_dict(state)
     return denoiser.to(device).eval().requires_grad_(False)
+
+
+def strict_bool(value: Any, key: str) -> bool:
+    """A config flag that must be a real boolean: True / False (None: False), or the strings "true" / "false"
+    (any case). Anything else ("no", "off", "0", 1, ...) is an error, so that a typo can never enable a dangerous
+    option such as `teacher.allow_pickle` (Python's `bool("false")` is True)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{key} must be true or false, got {value!r} ({type(value).__name__})")
 
 
 def _get(cfg: Mapping, key: str, default: Any = None) -> Any:
@@ -153,7 +164,7 @@ def load_teacher(source: Any, device: torch.device | str | None = None):
 
         if not source.get("path"):
             raise ValueError("teacher.kind=edm_pickle needs teacher.path (an NVlabs/edm network-snapshot-*.pkl)")
-        return load_edm_pickle(source.get("path"), allow_pickle=bool(_get(source, "allow_pickle", False)),
+        return load_edm_pickle(source.get("path"), allow_pickle=strict_bool(source.get("allow_pickle"), "teacher.allow_pickle"),
                                code_dir=source.get("code_dir"), key=str(_get(source, "key", "ema")), device=device)
     if kind == "diffusers":
         from teachers.adapters import from_diffusers

@@ -117,7 +117,8 @@ def train(cfg: DictConfig) -> Path:
     logger = build_logger(cfg.logger, run_dir, name=f"teacher-{cfg.data.name}",
                           config=OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(trainer_cfg, run_dir, logger, ema_decay=tcfg.get("ema_decay"))
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(tcfg.get("ckpt_path"), run_dir))
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(tcfg.get("ckpt_path"), run_dir),
+                weights_only=True)  # resume never unpickles code (any torch version)
 
     out = run_dir / str(tcfg.get("output", "teacher.pt"))
     if trainer.is_global_zero:  # after fit, EMAWeightAveraging has copied the averaged weights into the module

@@ -108,7 +108,11 @@ def _load_vp(cfg: Mapping, device) -> nn.Module:
     target = cfg.get("target")
     if not target:
         raise ValueError("teacher.kind=vp needs teacher.target='package.module:callable' building the network")
+    # configs are code: `target` imports and calls a callable named in the config (like Hydra's `_target_`)
     net = _import_target(target)(**dict(_get(cfg, "target_kwargs", {})))
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"teacher.target={target!r} returned a {type(net).__name__}, not a torch.nn.Module: it must "
+                        "build the network net(x_t, t[, cond])")
     if cfg.get("path"):
         p = Path(cfg["path"])
         if not p.is_file():

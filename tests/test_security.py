@@ -182,3 +182,11 @@ def test_resume_from_a_planted_checkpoint_does_not_unpickle(tmp_path, monkeypatc
     assert not marker.exists()
     resumed = [w for f, w in calls if f.endswith("last.ckpt")]
     assert resumed and all(w is True for w in resumed), calls
+
+
+def test_vp_target_must_build_a_module():
+    """Configs are code (README): `teacher.target` imports and calls a callable; what it returns must be a network."""
+    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+        load_teacher({"kind": "vp", "target": "builtins:dict", "schedule": {"kind": "linear"}})
+    with pytest.raises(TypeError, match="int, not a torch.nn.Module"):
+        load_teacher({"kind": "vp", "target": "builtins:int", "schedule": {"kind": "linear"}})

@@ -125,7 +125,8 @@ def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run
     logger = build_logger(cfg.logger, sub, name=f"distill-{cfg.data.name}-{name}", config=_container(cfg))
     trainer = build_trainer(tr, sub, logger=logger, callbacks=callbacks, ema_decay=dcfg.get("ema_decay"),
                             checkpoint_every_n_steps=dcfg.get("checkpoint_every_n_steps"))
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(dcfg.get("ckpt_path"), sub))
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(dcfg.get("ckpt_path"), sub),
+                weights_only=True)  # resume never unpickles code (any torch version)
     finish_logger(logger)
     result = StudentRun(name=name, student=student, teacher=teacher, run_dir=str(sub), warm_start=warm,
                         step=int(trainer.global_step), checkpoint=str(sub / "checkpoints" / "last.ckpt"))

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from fkdiff.diffusion import (SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, denoiser_from_eps,
                               denoiser_from_score, vp_sigma_from_alpha_bar)
-from teachers.load import teacher_kind
+from teachers.load import strict_bool, teacher_kind
 
 __all__ = [
     "make_alphas_cumprod",
@@ -305,7 +305,10 @@ def load_edm_pickle(path: str | Path, *, allow_pickle: bool = False, code_dir: s
     of github.com/NVlabs/edm>` or put it on PYTHONPATH. `kwargs` go to `EDMNetDenoiser`.
     """
     path = Path(path)
-    if not allow_pickle:
+    if allow_pickle is not True:  # only the boolean True opts in: "false", "no", 1, ... never unpickle
+        if allow_pickle not in (False, None):
+            raise TypeError(f"allow_pickle must be the boolean True or False, got {allow_pickle!r} "
+                            f"({type(allow_pickle).__name__}); refusing to unpickle {path}")
         raise PermissionError(
             f"refusing to unpickle {path}: pickles execute arbitrary code while loading. If you trust the file, pass "
             "allow_pickle=True (config: teacher.allow_pickle=true).")
@@ -410,7 +413,11 @@ def _target_net(cfg, kind: str) -> nn.Module:
     target = cfg.get("target")
     if not target:
         raise ValueError(f"teacher.kind={kind} needs teacher.target='package.module:callable' building the network")
+    # configs are code: `target` imports and calls a callable named in the config (like Hydra's `_target_`)
     net = _import_target(target)(**dict(_get(cfg, "target_kwargs", {})))
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"teacher.target={target!r} returned a {type(net).__name__}, not a torch.nn.Module: it must "
+                        f"build the network ({kind} teacher)")
     if cfg.get("path"):
         p = Path(cfg["path"])
         if not p.is_file():
@@ -453,7 +460,7 @@ def load_ve(cfg, device=None) -> VEDenoiser:
 def _load_edm_pickle_kind(cfg, device=None) -> EDMNetDenoiser:
     if not cfg.get("path"):
         raise ValueError("teacher.kind=edm_pickle needs teacher.path (an NVlabs/edm network-snapshot-*.pkl)")
-    return load_edm_pickle(cfg.get("path"), allow_pickle=bool(_get(cfg, "allow_pickle", False)),
+    return load_edm_pickle(cfg.get("path"), allow_pickle=strict_bool(cfg.get("allow_pickle"), "teacher.allow_pickle"),
                            code_dir=cfg.get("code_dir"), key=str(_get(cfg, "key", "ema")), device=device)
 
 

@@ -30,7 +30,8 @@ from torch import nn
 
 from teachers.edm import EDMDenoiser
 
-__all__ = ["FORMAT", "TEACHER_KINDS", "teacher_kind", "save_teacher", "load_teacher", "load_teacher_checkpoint"]
+__all__ = ["FORMAT", "TEACHER_KINDS", "teacher_kind", "save_teacher", "load_teacher", "load_teacher_checkpoint",
+           "strict_bool"]
 
 FORMAT = "fkdiff.teacher/1"
 _HOW_TO_TRAIN = ("train one with `python -m teachers.train recipe=<name>` (it writes <run_dir>/teacher.pt) and point "
@@ -77,6 +78,17 @@ def load_teacher_checkpoint(path: str | Path, device: torch.device | str | None 
     denoiser = EDMDenoiser.from_spec(spec)
     denoiser.load_state_dict(state)
     return denoiser.to(device).eval().requires_grad_(False)
+
+
+def strict_bool(value: Any, key: str) -> bool:
+    """A config flag that must be a real boolean: True / False (None: False), or the strings "true" / "false"
+    (any case). Anything else ("no", "off", "0", 1, ...) is an error, so that a typo can never enable a dangerous
+    option such as `teacher.allow_pickle` (Python's `bool("false")` is True)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{key} must be true or false, got {value!r} ({type(value).__name__})")
 
 
 def _get(cfg: Mapping, key: str, default: Any = None) -> Any:

@@ -46,7 +46,8 @@ def train(cfg: DictConfig) -> Path:
                           config=OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(trainer_cfg, run_dir, logger, ema_decay=tcfg.get("ema_decay"),
                             checkpoint_every_n_steps=tcfg.get("checkpoint_every_n_steps"))
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(tcfg.get("ckpt_path"), run_dir))
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(tcfg.get("ckpt_path"), run_dir),
+                weights_only=True)  # resume never unpickles code (any torch version)
     finish_logger(logger)
     out = run_dir / str(tcfg.get("output", "teacher.pt"))
     if trainer.is_global_zero:  # after fit, EMAWeightAveraging has copied the averaged weights into the module

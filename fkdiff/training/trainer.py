@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from fkdiff.training.callbacks import FinalCheckpoint, StepCheckpoint, StepProgressBar
 
 __all__ = ["TASK_KNOBS", "LOGGERS", "ConfigError", "task_trainer_config", "positive_int", "build_logger",
-           "build_trainer", "resolve_ckpt_path", "save_config"]
+           "build_trainer", "finish_logger", "resolve_ckpt_path", "save_config"]
 
 TASK_KNOBS = ("max_steps", "gradient_clip_val")
 

@@ -185,13 +185,21 @@ def build_mcmc(spec: Mapping[str, Any] | None):
         return None
     from fkdiff import mcmc
 
+    import dataclasses
+
     kernels = {"hmc": mcmc.HMC, "mala": mcmc.MALA, "ula": mcmc.ULA, "uhmc": mcmc.UHMC}
     if kind not in kernels:
         raise ValueError(f"unknown mcmc kind {kind!r}; use one of {', '.join(kernels)} or none")
-    return kernels[kind](**{k: v for k, v in spec.items() if v is not None or k == "step_size"})
+    cls = kernels[kind]
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "_"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} takes no {', '.join(unknown)} (it takes {', '.join(sorted(known))}); "
+                         f"select the kernel with sample/mcmc={kind} rather than sample.mcmc.kind={kind}")
+    return cls(**{k: v for k, v in spec.items() if v is not None})
 
 
-def _potentials(s: Mapping[str, Any], target: Any) -> list:
+def _potentials(s: Mapping[str, Any]) -> list:
     from fkdiff import smc
 
     pots = []
@@ -202,7 +210,7 @@ def _potentials(s: Mapping[str, Any], target: Any) -> list:
         if s.get("mode", "sampler") != "twisted":
             raise ValueError("sample.temperature (low-temperature tilt) needs sample.mode=twisted; "
                              "in sampler mode use the expression tempered(model, beta) instead")
-        pots.append(smc.LowTemperature(target, float(s["temperature"])))
+        pots.append(smc.LowTemperature(float(s["temperature"])))
     return pots
 
 
@@ -235,12 +243,13 @@ def run(cfg: DictConfig) -> dict:
     result = sampler(
         target, int(s["num_particles"]), shape=shape, num_steps=int(s["num_steps"]),
         sigma_max=float(s["sigma_max"]), sigma_min=float(s["sigma_min"]), proposal=proposal,
-        potentials=_potentials(s, target), mcmc=build_mcmc(s.get("mcmc")), resample=s.get("resample", "systematic"),
+        potentials=_potentials(s), mcmc=build_mcmc(s.get("mcmc")), resample=s.get("resample", "systematic"),
         ess_threshold=float(s.get("ess_threshold", 0.5)), mode=s.get("mode", "sampler"),
         final_denoise=bool(s.get("final_denoise", True)), generator=gen, device=device,
         max_batch=s.get("max_batch"), progress=bool(s.get("progress", True)),
         init_std=s.get("init_std"), **extra,
     )
+    island_log_z = getattr(result, "island_log_Z", None)
     if world_size > 1:
         result = result.full()  # all N samples (gathered on every rank); only rank 0 writes
         if owns_group:
@@ -248,15 +257,17 @@ def run(cfg: DictConfig) -> dict:
         if not is_main:
             return dict(result.summary(), world_size=world_size)
     equal = result.resample(gen)
-    torch.save({"samples": result.samples.cpu(), "log_weights": result.log_weights.cpu(),
-                "resampled": equal.cpu()}, run_dir / "samples.pt")
+    saved = {"samples": result.samples.cpu(), "log_weights": result.log_weights.cpu(), "resampled": equal.cpu()}
     diag = dict(result.summary())
     diag.update(target=s["target"], num_particles=int(s["num_particles"]), num_steps=int(s["num_steps"]),
                 ess=result.ess.tolist(), unique_ancestors=result.unique_ancestors.tolist(),
                 resampled=result.resampled.tolist(), num_invalid=result.num_invalid.tolist(),
                 acceptance=None if result.acceptance is None else result.acceptance.tolist(),
+                step_size=None if result.step_size is None else result.step_size.tolist(),
                 sigmas=None if result.sigmas is None else result.sigmas.tolist(), warnings=list(result.warnings),
                 world_size=world_size)
+    if island_log_z is not None:
+        diag["island_log_Z"] = island_log_z.tolist()
     baseline = None
     if s.get("compare_reverse_diffusion", True) and len(shape) == 1 and shape[0] == 2:
         from fkdiff.samplers import reverse_diffusion
@@ -265,6 +276,8 @@ def run(cfg: DictConfig) -> dict:
                                      sigma_max=float(s["sigma_max"]), sigma_min=float(s["sigma_min"]),
                                      generator=torch.Generator(device=device).manual_seed(int(cfg.seed) + 1),
                                      device=device, max_batch=s.get("max_batch")).samples
+        saved["reverse_diffusion"] = baseline.cpu()
+    torch.save(saved, run_dir / "samples.pt")
     (run_dir / "diagnostics.json").write_text(json.dumps(_jsonable(diag), indent=2))
     if s.get("plot", {}).get("enabled", True):
         _plot(result, equal, baseline, target, s, run_dir)

@@ -15,12 +15,17 @@ The mixture's score is the exact gradient of its energy, computed from the compo
 (stable, no autograd); its weights are normalised to sum to one (Du et al. use 1/K), so a mixture of normalised
 components is normalised. Energies keep any autograd graph of the components; scores are detached.
 Components whose energies are only defined up to a constant shift the mixture's relative weights accordingly.
+
+`conditioned(model, y)` binds a condition (a class label or a condition vector) to a conditional model, giving a
+target of x alone; `parse(expr, models)` builds a composition from an expression such as
+`product(ring, tempered(strip, 2.0))` over named models (the command line's `sample.target`).
 """
 
 from __future__ import annotations
 
+import ast
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -30,8 +35,8 @@ from fkdiff.targets import has_energy
 from fkdiff.targets import energy_and_score as _energy_and_score
 from fkdiff.targets import score as _score
 
-__all__ = ["Composed", "Product", "Mixture", "Negation", "Tempered", "Conditional",
-           "product", "mixture", "negation", "tempered", "conditional"]
+__all__ = ["Composed", "Product", "Mixture", "Negation", "Tempered", "Conditional", "Conditioned",
+           "product", "mixture", "negation", "tempered", "conditional", "conditioned", "OPERATORS", "parse"]
 
 
 def _check_targets(targets: Sequence[Any], op: str) -> list:
@@ -246,3 +251,77 @@ def tempered(target, beta: float) -> Tempered:
 def conditional(uncond, conds: Sequence[Any], weights=None) -> Conditional:
     """log p(x | y_1..y_c) = log p(x) + sum_i w_i (log p(x | y_i) - log p(x)) (Du et al. eq. 13; w_i = 1 there)."""
     return Conditional(uncond, conds, weights)
+
+
+class Conditioned:
+    """A conditional model with its condition bound: energy(x, sigma) = E(x, sigma, cond=y) for every sample.
+
+    `y` is a class label (an int: broadcast to `[B]` int64) or a condition vector (broadcast to `[B, c]` in x's dtype).
+    """
+
+    def __init__(self, model: Any, cond: Any):
+        self.model = model
+        self.cond = cond
+        for attr in ("sigma_min", "sigma_max", "sigma_data"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    def _cond(self, x: Tensor):
+        c = torch.as_tensor(self.cond, device=x.device)
+        if c.ndim == 0:  # a class label
+            return c.long().expand(x.shape[0])
+        return c.to(x.dtype).reshape(1, -1).expand(x.shape[0], -1)  # a position / condition vector
+
+    def energy(self, x, sigma):
+        return self.model.energy(x, sigma, cond=self._cond(x))
+
+    def score(self, x, sigma):
+        return self.model.score(x, sigma, cond=self._cond(x))
+
+    def energy_and_grad(self, x, sigma):
+        return self.model.energy_and_grad(x, sigma, cond=self._cond(x))
+
+    def __call__(self, x, sigma, cond=None):
+        return self.model(x, sigma, cond=self._cond(x) if cond is None else cond)
+
+
+def conditioned(model: Any, y: Any) -> Conditioned:
+    """`model` with its condition bound to `y` (a class label or a condition vector): a target of x alone."""
+    return Conditioned(model, y)
+
+
+OPERATORS = {"product": product, "mixture": mixture, "negation": negation, "tempered": tempered,
+             "conditional": conditional}
+
+
+def parse(expr: str, models: Mapping[str, Any]) -> Any:
+    """The composition an expression such as `product(ring, tempered(strip, 2.0))` describes over `models`.
+
+    Python call syntax restricted to the model names, numbers (also negative), lists and the `OPERATORS` with
+    positional or keyword arguments; nothing else is evaluated (no attribute access, no other calls).
+    """
+    try:
+        tree = ast.parse(str(expr), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse composition expression {expr!r}: {e.msg}") from None
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Name):
+            if node.id in models:
+                return models[node.id]
+            raise ValueError(f"unknown model {node.id!r} in {expr!r}; defined: {', '.join(sorted(models))}")
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in OPERATORS:
+            return OPERATORS[node.func.id](*[ev(a) for a in node.args], **{k.arg: ev(k.value) for k in node.keywords})
+        raise ValueError(
+            f"unsupported syntax in {expr!r}: only model names, numbers, lists and "
+            f"{', '.join(OPERATORS)} calls are allowed")
+
+    return ev(tree)

@@ -42,9 +42,10 @@ Interface (blackjax style: the kernel is pure, the adaptation state is carried b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import KW_ONLY, dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -63,6 +64,8 @@ __all__ = [
     "scale_from_mean_squared_grad",
     "run",
     "target_logdensity",
+    "KERNELS",
+    "build",
 ]
 
 LogDensityFn = Callable[[Tensor], "tuple[Tensor, Tensor]"]
@@ -373,3 +376,30 @@ def target_logdensity(target: Any, sigma: float | Tensor, *, max_batch: int | No
         return -e.double(), s
 
     return fn
+
+
+KERNELS: dict[str, type[Kernel]] = {"hmc": HMC, "mala": MALA, "ula": ULA, "uhmc": UHMC}
+
+
+def build(spec: Mapping[str, Any] | None) -> Kernel | None:
+    """A kernel from `{kind: <a KERNELS name> | none, **its arguments}` (e.g. the command line's `sample.mcmc`).
+
+    None-valued arguments take the kernel's default; `kind: none` (or an empty spec) means no kernel (None).
+    An argument the kernel does not take is an error naming the ones it does.
+    """
+    if not spec:
+        return None
+    spec = dict(spec)
+    kind = str(spec.pop("kind", "hmc")).lower()
+    if kind in ("none", "null", ""):
+        return None
+    if kind not in KERNELS:
+        raise ValueError(f"unknown mcmc kind {kind!r}; use one of {', '.join(KERNELS)} or none")
+    cls = KERNELS[kind]
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "_"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} takes no {', '.join(unknown)} (it takes {', '.join(sorted(known))}); "
+                         f"on the command line select the kernel with sample/mcmc={kind} rather than "
+                         f"sample.mcmc.kind={kind}")
+    return cls(**{k: v for k, v in spec.items() if v is not None})

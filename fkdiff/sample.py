@@ -9,12 +9,17 @@ The `sample:` section of a recipe names the models and a composition expression,
       target: product(ring, strip)
       mcmc: {kind: hmc, num_steps: 1, num_leapfrog: 3}
 
-Model kinds: `analytic` (teachers.presets, exact energies), `energy` (a distilled student file; `cond:` binds a
-condition), `teacher` (a denoiser via teachers.load_teacher: a score field only, usable as `proposal`).
-`sample.students=<distill run folder>` (or `latest`) swaps every analytic model for the student distilled from the
-same preset, so `python -m fkdiff.distill && python -m fkdiff.sample sample.students=latest` composes the students.
-The expression language is Python call syntax restricted to the model names, numbers, lists and the operators of
-`fkdiff.compose` (product, mixture, negation, tempered, conditional; DESIGN.md section 6); nothing else evaluates.
+This module only wires library parts together:
+- models from their specs: `fkdiff.models.load_model` (kinds `analytic`, `energy`, `teacher`; `cond:` binds a
+  condition); `sample.students=<distill run folder>` (or `latest`) swaps every analytic model for the student
+  distilled from the same preset (`fkdiff.models.use_students`), so `python -m fkdiff.distill && python -m
+  fkdiff.sample sample.students=latest` composes the students;
+- the expression: `fkdiff.compose.parse` (Python call syntax restricted to the model names, numbers, lists and
+  product, mixture, negation, tempered, conditional; nothing else evaluates);
+- potentials: `fkdiff.smc.potentials.build` for each entry of `sample.potentials` (`sample.bounds` and
+  `sample.temperature` are shorthands for a `box` and a `low_temperature` entry);
+- the rejuvenation kernel: `fkdiff.mcmc.build` of the config group `sample/mcmc` (hmc | mala | ula | uhmc | none);
+- the figures: `fkdiff.plotting`.
 
 Writes to the run folder: `config.yaml`, `samples.pt` (samples, log-weights, equally weighted resample),
 `diagnostics.json` (log Z with its standard error, min ESS, unique ancestors, acceptance per level, ...),
@@ -36,188 +41,40 @@ writes the files on rank 0 only (with all N samples):
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fkdiff import compose as C
+from fkdiff import compose, mcmc, plotting, smc
+from fkdiff.compose import Conditioned  # noqa: F401  (re-exported: the earlier home of these names)
+from fkdiff.compose import parse as parse_expression
+from fkdiff.mcmc import build as build_mcmc
+from fkdiff.models import infer_shape, load_model, use_students
+from fkdiff.smc import potentials as P
 
 __all__ = ["run", "load_model", "use_students", "parse_expression", "build_mcmc", "Conditioned"]
 
-OPERATORS = {
-    "product": C.product,
-    "mixture": C.mixture,
-    "negation": C.negation,
-    "tempered": C.tempered,
-    "conditional": C.conditional,
-}
 
-
-class Conditioned:
-    """A conditional energy model with its condition bound: energy(x, sigma) = E(x, sigma, cond) for every sample."""
-
-    def __init__(self, model: Any, cond: Any):
-        self.model = model
-        self.cond = cond
-        for attr in ("sigma_min", "sigma_max", "sigma_data"):
-            if hasattr(model, attr):
-                setattr(self, attr, getattr(model, attr))
-
-    def _cond(self, x: torch.Tensor):
-        c = torch.as_tensor(self.cond, device=x.device)
-        if c.ndim == 0:  # a class label
-            return c.long().expand(x.shape[0])
-        return c.to(x.dtype).reshape(1, -1).expand(x.shape[0], -1)  # a position / condition vector
-
-    def energy(self, x, sigma):
-        return self.model.energy(x, sigma, cond=self._cond(x))
-
-    def score(self, x, sigma):
-        return self.model.score(x, sigma, cond=self._cond(x))
-
-    def energy_and_grad(self, x, sigma):
-        return self.model.energy_and_grad(x, sigma, cond=self._cond(x))
-
-    def __call__(self, x, sigma, cond=None):
-        return self.model(x, sigma, cond=self._cond(x) if cond is None else cond)
-
-
-def load_model(spec: Mapping[str, Any], device: str | torch.device = "cpu") -> Any:
-    """One model from its `sample.models.<name>` entry (see module docstring)."""
-    spec = dict(spec)
-    kind = spec.get("kind", "energy")
-    if kind == "analytic":
-        from teachers.presets import make_preset
-
-        if not spec.get("preset"):
-            raise ValueError("an analytic model needs `preset:` (one of teachers.presets.PRESETS)")
-        model = make_preset(spec["preset"], **dict(spec.get("preset_kwargs") or {}), device=device)
-    elif kind == "energy":
-        from fkdiff import load_energy
-
-        if not spec.get("path"):
-            raise ValueError("an energy model needs `path:` to a distilled student (written by python -m fkdiff.distill)")
-        model = load_energy(spec["path"], device=device)
-    elif kind == "teacher":
-        from teachers import load_teacher
-
-        model = load_teacher(spec.get("teacher", spec), device=device)
-    else:
-        raise ValueError(f"unknown model kind {kind!r}; use analytic, energy or teacher")
-    if spec.get("cond") is not None:
-        model = Conditioned(model, spec["cond"])
-    return model
-
-
-def use_students(models: Mapping[str, Any], students: str, runs_root: str | Path = "runs/distill") -> dict:
-    """Replace every analytic model by the student distilled from the same preset in a `fkdiff.distill` run.
-
-    `students` is that run's folder, or `latest` for the newest folder under `runs_root` holding all the students
-    needed. A distill run stores the student of preset P as `<run>/<P>/student.pt`.
-    """
-    need = {name: spec["preset"] for name, spec in models.items() if spec.get("kind") == "analytic"}
-    if students == "latest":
-        root = Path(runs_root)
-        runs = sorted((d for d in root.glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
-        found = [d for d in runs if all((d / p / "student.pt").is_file() for p in need.values())]
-        if not found:
-            raise FileNotFoundError(
-                f"sample.students=latest: no run under {root.resolve()} holds students for "
-                f"{sorted(set(need.values()))}; run `python -m fkdiff.distill` first or pass the run folder")
-        run_dir = found[0]
-    else:
-        run_dir = Path(students)
-    out = {}
-    for name, spec in models.items():
-        if name in need:
-            path = run_dir / need[name] / "student.pt"
-            if not path.is_file():
-                raise FileNotFoundError(f"sample.students={students}: {path} does not exist (students there: "
-                                        f"{sorted(p.parent.name for p in run_dir.glob('*/student.pt'))})")
-            out[name] = {"kind": "energy", "path": str(path), "cond": spec.get("cond")}
-        else:
-            out[name] = dict(spec)
-    return out
-
-
-def parse_expression(expr: str, models: Mapping[str, Any]) -> Any:
-    """Evaluate a composition expression such as `product(ring, tempered(strip, 2.0))` over `models`."""
-    try:
-        tree = ast.parse(str(expr), mode="eval")
-    except SyntaxError as e:
-        raise ValueError(f"cannot parse composition expression {expr!r}: {e.msg}") from None
-
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Name):
-            if node.id in models:
-                return models[node.id]
-            raise ValueError(f"unknown model {node.id!r} in {expr!r}; defined: {', '.join(sorted(models))}")
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
-        if isinstance(node, (ast.List, ast.Tuple)):
-            return [ev(e) for e in node.elts]
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in OPERATORS:
-            return OPERATORS[node.func.id](*[ev(a) for a in node.args], **{k.arg: ev(k.value) for k in node.keywords})
-        raise ValueError(
-            f"unsupported syntax in {expr!r}: only model names, numbers, lists and "
-            f"{', '.join(OPERATORS)} calls are allowed")
-
-    return ev(tree)
-
-
-def build_mcmc(spec: Mapping[str, Any] | None):
-    """An MCMC kernel from `{kind: hmc|mala|ula|uhmc|none, ...kwargs}`."""
-    if not spec:
-        return None
-    spec = dict(spec)
-    kind = str(spec.pop("kind", "hmc")).lower()
-    if kind in ("none", "null", ""):
-        return None
-    from fkdiff import mcmc
-
-    import dataclasses
-
-    kernels = {"hmc": mcmc.HMC, "mala": mcmc.MALA, "ula": mcmc.ULA, "uhmc": mcmc.UHMC}
-    if kind not in kernels:
-        raise ValueError(f"unknown mcmc kind {kind!r}; use one of {', '.join(kernels)} or none")
-    cls = kernels[kind]
-    known = {f.name for f in dataclasses.fields(cls) if f.name != "_"}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__} takes no {', '.join(unknown)} (it takes {', '.join(sorted(known))}); "
-                         f"select the kernel with sample/mcmc={kind} rather than sample.mcmc.kind={kind}")
-    return cls(**{k: v for k, v in spec.items() if v is not None})
-
-
-def _potentials(s: Mapping[str, Any]) -> list:
-    from fkdiff import smc
-
-    pots = []
+def _potential_specs(s: dict) -> dict:
+    """`sample.potentials` plus the shorthands `sample.bounds` (a box) and `sample.temperature` (a low-temperature
+    tilt, twisted mode only)."""
+    specs = dict(s.get("potentials") or {})
     if s.get("bounds"):
-        b = s["bounds"]
-        pots.append(smc.Box(b["low"], b["high"]))
+        specs["bounds"] = {"kind": "box", **s["bounds"]}
     if s.get("temperature") not in (None, 1, 1.0):
         if s.get("mode", "sampler") != "twisted":
             raise ValueError("sample.temperature (low-temperature tilt) needs sample.mode=twisted; "
                              "in sampler mode use the expression tempered(model, beta) instead")
-        pots.append(smc.LowTemperature(float(s["temperature"])))
-    return pots
+        specs["temperature"] = {"kind": "low_temperature", "beta": float(s["temperature"])}
+    return specs
 
 
 def run(cfg: DictConfig) -> dict:
     """Sample as configured by `cfg.sample`; returns the diagnostics dict (also written to the run folder)."""
-    from fkdiff import smc
-
     s = OmegaConf.to_container(cfg.sample, resolve=True)
     device = torch.device(s.get("device") or "cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -233,9 +90,9 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError("sample.models is empty: name at least one model (see `python -m fkdiff.sample --help`)")
     specs = use_students(s["models"], s.get("students")) if s.get("students") else s["models"]
     models = {name: load_model(spec, device) for name, spec in specs.items()}
-    target = parse_expression(s["target"], models)
-    proposal = parse_expression(s["proposal"], models) if s.get("proposal") else None
-    shape = tuple(s.get("shape") or _infer_shape(models))
+    target = compose.parse(s["target"], models)
+    proposal = compose.parse(s["proposal"], models) if s.get("proposal") else None
+    shape = tuple(s.get("shape") or infer_shape(models))
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     sampler, extra = smc.sample, {}
     if world_size > 1:
@@ -243,7 +100,8 @@ def run(cfg: DictConfig) -> dict:
     result = sampler(
         target, int(s["num_particles"]), shape=shape, num_steps=int(s["num_steps"]),
         sigma_max=float(s["sigma_max"]), sigma_min=float(s["sigma_min"]), proposal=proposal,
-        potentials=_potentials(s), mcmc=build_mcmc(s.get("mcmc")), resample=s.get("resample", "systematic"),
+        potentials=[P.build(spec) for spec in _potential_specs(s).values()], mcmc=mcmc.build(s.get("mcmc")),
+        resample=s.get("resample", "systematic"),
         ess_threshold=float(s.get("ess_threshold", 0.5)), mode=s.get("mode", "sampler"),
         final_denoise=bool(s.get("final_denoise", True)), generator=gen, device=device,
         max_batch=s.get("max_batch"), progress=bool(s.get("progress", True)),
@@ -280,7 +138,13 @@ def run(cfg: DictConfig) -> dict:
     torch.save(saved, run_dir / "samples.pt")
     (run_dir / "diagnostics.json").write_text(json.dumps(_jsonable(diag), indent=2))
     if s.get("plot", {}).get("enabled", True):
-        _plot(result, equal, baseline, target, s, run_dir)
+        title = f"{s['target']}  (log Z = {result.log_Z:.3f} ± {result.log_Z_se:.3f})"
+        fig = plotting.samples_figure(target, equal, sigma=float(s["sigma_min"]), lim=float(s["plot"].get("lim", 1.5)),
+                                      others=None if baseline is None else {"naive reverse diffusion": baseline},
+                                      title=title, max_batch=s.get("max_batch"))
+        if fig is not None:
+            plotting.save(fig, run_dir / "samples.png")
+        plotting.save(plotting.diagnostics_figure(result), run_dir / "diagnostics.png")
     print(f"[fkdiff.sample] {s['target']}: log Z = {result.log_Z:.4f} +- {result.log_Z_se:.4f}, "
           f"min ESS = {result.min_ess:.1f}/{result.num_particles}, results in {run_dir}")
     return diag
@@ -301,17 +165,6 @@ def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
     return device, True
 
 
-def _infer_shape(models: Mapping[str, Any]) -> tuple:
-    for m in models.values():
-        inner = getattr(m, "model", m)
-        for attr in ("event_shape", "shape"):
-            if hasattr(inner, attr) and getattr(inner, attr) is not None:
-                return tuple(getattr(inner, attr))
-        if hasattr(inner, "dim"):
-            return (int(inner.dim),)
-    raise ValueError("cannot infer the sample shape from the models; set sample.shape (e.g. [2] or [3, 16, 16])")
-
-
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
@@ -320,66 +173,6 @@ def _jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     return obj
-
-
-def _plot(result, equal, baseline, target, s, run_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = equal.detach().cpu().float()
-    if x.ndim == 2 and x.shape[1] == 2:
-        lim = float(s.get("plot", {}).get("lim", 1.5))
-        n = 200
-        g = torch.linspace(-lim, lim, n, dtype=torch.float64)
-        xx, yy = torch.meshgrid(g, g, indexing="xy")
-        pts = torch.stack([xx.flatten(), yy.flatten()], 1)
-        from fkdiff import targets
-
-        e = targets.energy(target, pts, float(s["sigma_min"]), max_batch=s.get("max_batch"))
-        dens = torch.softmax(-e.double(), 0).reshape(n, n)
-        panels = [("target exp(-E) at sigma_min", None), ("SMC (this run)", x)]
-        if baseline is not None:
-            panels.append(("naive reverse diffusion", baseline.detach().cpu().float()))
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
-        for ax, (title, pts_) in zip(axes, panels):
-            ax.imshow(dens.numpy(), origin="lower", extent=(-lim, lim, -lim, lim), cmap="Blues")
-            if pts_ is not None:
-                ax.scatter(pts_[:, 0], pts_[:, 1], s=2, c="tab:orange", alpha=0.6)
-            ax.set_title(title)
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(-lim, lim)
-        fig.suptitle(f"{s['target']}  (log Z = {result.log_Z:.3f} ± {result.log_Z_se:.3f})")
-    elif x.ndim == 4:
-        k = min(64, x.shape[0])
-        side = int(math.ceil(math.sqrt(k)))
-        fig, axes = plt.subplots(side, side, figsize=(side, side))
-        for i, ax in enumerate(axes.flat):
-            ax.axis("off")
-            if i < k:
-                img = ((x[i].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).numpy()
-                ax.imshow(img, cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
-    else:
-        fig = None
-    if fig is not None:
-        fig.tight_layout()
-        fig.savefig(run_dir / "samples.png", dpi=100)
-        plt.close(fig)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-    lev = range(len(result.ess))
-    axes[0].plot(lev, result.ess.cpu().numpy())
-    axes[0].set_title("ESS after weighting")
-    axes[1].plot(lev, result.unique_ancestors.cpu().numpy())
-    axes[1].set_title("unique ancestors")
-    if result.acceptance is not None:
-        axes[2].plot(lev, result.acceptance.cpu().numpy())
-    axes[2].set_title("MCMC acceptance")
-    for ax in axes:
-        ax.set_xlabel("level (sigma_max -> sigma_min)")
-    fig.tight_layout()
-    fig.savefig(run_dir / "diagnostics.png", dpi=100)
-    plt.close(fig)
 
 
 def _main() -> None:

@@ -153,3 +153,28 @@ def test_energy_and_score_is_one_pass_per_component():
     a = Counting(ring8())
     targets.energy_and_score(compose.tempered(a, 3.0), x, 0.2, max_batch=16)
     assert a.calls == 4  # one per chunk
+
+
+def test_conditioned_binds_labels_and_vectors():
+    """compose.conditioned(model, y): a class label is broadcast to `[B]` int64, a condition vector to `[B, c]`."""
+    seen = []
+
+    class Conditional:
+        def energy(self, x, sigma, cond=None):
+            seen.append(cond)
+            return (x**2).sum(1) + cond.double().reshape(x.shape[0], -1).sum(1)
+
+        def score(self, x, sigma, cond=None):
+            seen.append(cond)
+            return -2 * x
+
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    lab = compose.conditioned(Conditional(), 4)
+    assert torch.equal(lab.energy(x, 0.5), torch.full((3,), 4.0, dtype=torch.float64))
+    assert seen[-1].dtype == torch.int64 and seen[-1].shape == (3,)
+    vec = compose.conditioned(Conditional(), [0.25, 0.5])
+    assert torch.equal(vec.energy(x, 0.5), torch.full((3,), 0.75, dtype=torch.float64))
+    assert seen[-1].shape == (3, 2) and seen[-1].dtype == torch.float64
+    # a bound model composes like any target
+    p = compose.product(lab, vec)
+    assert torch.equal(p.score(x + 1, 0.5), -4 * (x + 1))

@@ -19,7 +19,10 @@ import pytest
 import torch
 
 from fkdiff.recipes import compose
-from fkdiff.sample import build_mcmc, load_model, parse_expression, run
+from fkdiff import compose as C
+from fkdiff import mcmc
+from fkdiff.models import load_model, use_students
+from fkdiff.sample import run
 from teachers import ring8, strip
 from teachers.analytic import GaussianMixture
 
@@ -80,18 +83,22 @@ def test_cli_product_matches_exact_log_z(tmp_path):
 
 def test_expression_language():
     m = {"a": ring8(), "b": strip()}
-    t = parse_expression("mixture(a, tempered(b, 2.0), weights=[1, 3])", m)
+    t = C.parse("mixture(a, tempered(b, 2.0), weights=[1, 3])", m)
     x = torch.zeros(4, 2, dtype=torch.float64)
     e = t.energy(x, 0.5)
     expect = -torch.logsumexp(torch.stack([math.log(0.25) - m["a"].energy(x, 0.5),
                                            math.log(0.75) - 2.0 * m["b"].energy(x, 0.5)]), 0)
     torch.testing.assert_close(e, expect)
     with pytest.raises(ValueError, match="unknown model 'c'"):
-        parse_expression("product(a, c)", m)
+        C.parse("product(a, c)", m)
     with pytest.raises(ValueError, match="unsupported syntax"):
-        parse_expression("__import__('os')", m)
+        C.parse("__import__('os')", m)
     with pytest.raises(ValueError, match="cannot parse"):
-        parse_expression("product(a,", m)
+        C.parse("product(a,", m)
+    # the entry point's former names stay importable
+    from fkdiff.sample import Conditioned, build_mcmc, parse_expression
+
+    assert parse_expression is C.parse and build_mcmc is mcmc.build and Conditioned is C.Conditioned
 
 
 def test_bad_specs():
@@ -100,15 +107,14 @@ def test_bad_specs():
     with pytest.raises(ValueError, match="needs `preset:`"):
         load_model({"kind": "analytic"})
     with pytest.raises(ValueError, match="unknown mcmc kind"):
-        build_mcmc({"kind": "gibbs"})
-    assert build_mcmc({"kind": "none"}) is None
+        mcmc.build({"kind": "gibbs"})
+    assert mcmc.build({"kind": "none"}) is None and mcmc.build(None) is None
 
 
 def test_students_replace_analytic_models(tmp_path):
     """sample.students=<distill run> composes the distilled students (here untrained, saved as distill does)."""
     from fkdiff import load_energy
     from fkdiff.energy import build_student, save_student
-    from fkdiff.sample import use_students
 
     run_dir = tmp_path / "runs" / "distill" / "2026-01-01_00-00-00"
     for preset in ("ring8", "strip"):
@@ -231,6 +237,19 @@ def test_bounds_zero_violations(tmp_path):
     assert abs(diag["log_Z"] - exact) < 4 * diag["log_Z_se"] + 0.1, (diag["log_Z"], exact)
 
 
+def test_potentials(tmp_path):
+    """sample.potentials: any registered potential by name; a box given this way is the same run as sample.bounds."""
+    box = "{kind: box, low: [-0.2, 0.0], high: [0.2, 1.0]}"
+    d1, s1, _ = _run(tmp_path, f"+sample.potentials.upper={box}", name="spec")
+    d2, s2, _ = _run(tmp_path, "sample.bounds={low: [-0.2, 0.0], high: [0.2, 1.0]}", name="bounds")
+    assert torch.equal(s1["samples"], s2["samples"]) and d1["log_Z"] == d2["log_Z"]
+    assert (s1["resampled"][:, 1] >= 0).all()
+    with pytest.raises(ValueError, match="unknown potential kind 'moat'"):
+        _run(tmp_path, "+sample.potentials.p={kind: moat}", name="bad")
+    with pytest.raises(ValueError, match="potential 'box'"):
+        _run(tmp_path, "+sample.potentials.p={kind: box, low: [0, 0]}", name="bad2")
+
+
 @pytest.mark.parametrize("kind,evals_per_level", [("hmc", 1 + 1 * 3), ("mala", 1 + 1), ("ula", 1 + 1),
                                                   ("uhmc", 1 + 1 * 3), ("none", 1)])
 def test_mcmc_kernels(tmp_path, kind, evals_per_level):
@@ -259,7 +278,7 @@ def test_mcmc_options(tmp_path):
         d, _, _ = _run(tmp_path, f"sample.mcmc.target_accept={ta}", "sample.num_steps=60", name=f"ta{ta}")
         acc[ta] = d["mean_acceptance"]
     assert acc[0.95] > acc[0.3] + 0.2, acc
-    assert build_mcmc({"kind": "hmc", "damping": 0.5, "target_accept": None}).damping == 0.5
+    assert mcmc.build({"kind": "hmc", "damping": 0.5, "target_accept": None}).damping == 0.5
     with pytest.raises(ValueError, match="select the kernel with sample/mcmc=mala"):
         _run(tmp_path, "sample.mcmc.kind=mala", name="bad")
 
@@ -292,8 +311,6 @@ def test_ess_threshold(tmp_path):
 
 def test_final_denoise(tmp_path):
     """sample.final_denoise: the returned points are D(x, sigma_min) = x + sigma_min^2 score(x) of the same run."""
-    from fkdiff import compose as C
-
     _, on, cfg = _run(tmp_path, "sample.final_denoise=true", name="on")
     _, off, _ = _run(tmp_path, "sample.final_denoise=false", name="off")
     x = off["samples"].double()
@@ -405,7 +422,7 @@ OPTION_TESTS = {
     "sigma_max": "test_num_particles_num_steps_and_sigma_range",
     "sigma_min": "test_num_particles_num_steps_and_sigma_range",
     "mode": "test_mode_twisted_without_potentials_is_the_proposal", "temperature": "test_temperature_sharpens_mode_masses",
-    "bounds": "test_bounds_zero_violations", "mcmc.kind": "test_mcmc_kernels", "mcmc.num_steps": "test_mcmc_options",
+    "bounds": "test_bounds_zero_violations", "potentials": "test_potentials", "mcmc.kind": "test_mcmc_kernels", "mcmc.num_steps": "test_mcmc_options",
     "mcmc.num_leapfrog": "test_mcmc_options", "mcmc.step_size": "test_mcmc_options",
     "mcmc.target_accept": "test_mcmc_options", "mcmc.damping": "test_mcmc_options",
     "resample": "test_resample_scheme_is_used", "ess_threshold": "test_ess_threshold",

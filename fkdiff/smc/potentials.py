@@ -17,6 +17,9 @@ In both modes only the last level's potential changes the final law; earlier one
 - `LogPotential(fn, final_fn=None)`: the generic hook, log w_k(x) = fn(x, sigma_k) `[N]`; at the last level
   `final_fn` (default `fn`) evaluated on the returned point x_out. Plain callables in `potentials=` are wrapped in it.
 
+`build({kind: <a POTENTIALS name>, **arguments})` makes one from a config spec (the command line's
+`sample.potentials`); a new potential class is usable from the command line once it is registered in `POTENTIALS`.
+
 Each potential receives a `Level` (index, number of levels, sigma, whether final, the target's energy and score at
 x, and x_out at the last level) and returns float64 log-weights `[N]`; `log_potential_and_grad` adds grad_x log w
 (used by MCMC rejuvenation; at the last level the gradient of a function of x_out is taken w.r.t. x_out and used as
@@ -27,14 +30,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from fkdiff.special import box_log_mass, box_log_mass_grad, log_ndtr_diff  # noqa: F401  (log_ndtr_diff re-exported)
 
-__all__ = ["Level", "Potential", "Box", "LowTemperature", "LogPotential", "as_potential", "log_ndtr_diff"]
+__all__ = ["Level", "Potential", "Box", "LowTemperature", "LogPotential", "as_potential", "log_ndtr_diff", "POTENTIALS",
+           "build"]
 
 
 @dataclass(frozen=True)
@@ -182,3 +186,19 @@ def as_potential(p) -> Potential:
     if callable(p):
         return LogPotential(p)
     raise TypeError(f"a potential must be a fkdiff.smc.Potential or a callable fn(x, sigma) -> [N], got {type(p).__name__}")
+
+
+POTENTIALS: dict[str, type[Potential]] = {"box": Box, "low_temperature": LowTemperature}
+
+
+def build(spec: Mapping[str, Any]) -> Potential:
+    """A potential from `{kind: <a POTENTIALS name>, **its constructor's arguments}`, e.g.
+    `{kind: box, low: [-1, 0], high: [1, 1]}` or `{kind: low_temperature, beta: 3}`."""
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in POTENTIALS:
+        raise ValueError(f"unknown potential kind {kind!r}; use one of {', '.join(POTENTIALS)}")
+    try:
+        return POTENTIALS[kind](**spec)
+    except TypeError as e:
+        raise ValueError(f"potential {kind!r} ({POTENTIALS[kind].__name__}): {e}") from None

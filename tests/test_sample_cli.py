@@ -244,6 +244,13 @@ def test_potentials(tmp_path):
     d2, s2, _ = _run(tmp_path, "sample.bounds={low: [-0.2, 0.0], high: [0.2, 1.0]}", name="bounds")
     assert torch.equal(s1["samples"], s2["samples"]) and d1["log_Z"] == d2["log_Z"]
     assert (s1["resampled"][:, 1] >= 0).all()
+    # a general linear constraint (fkdiff.smc.Polytope) by name: the half-plane x_0 + x_1 <= 0 keeps the mode at
+    # (0, -0.5) and drops the one at (0, 0.5): half the product's mass
+    d3, s3, _ = _run(tmp_path, "+sample.potentials.cut={kind: polytope, A: [[1, 1]], b: [0.0]}",
+                     "sample.num_particles=300", "sample.num_steps=40", name="polytope")
+    assert (s3["samples"].sum(1) <= 0).all() and (s3["resampled"][:, 1] < 0).all()
+    exact = _exact_log_z_ring_strip(0.002) - math.log(2.0)
+    assert abs(d3["log_Z"] - exact) < 4 * d3["log_Z_se"] + 0.1, (d3["log_Z"], exact)
     with pytest.raises(ValueError, match="unknown potential kind 'moat'"):
         _run(tmp_path, "+sample.potentials.p={kind: moat}", name="bad")
     with pytest.raises(ValueError, match="potential 'box'"):

@@ -21,7 +21,7 @@ from fkdiff.smc.core import (Population, SMCDegeneracyWarning, SMCError, SMCResu
                              smc_step)
 from fkdiff.smc.diffusion_fk import DiffusionFK
 from fkdiff.smc.fk import FeynmanKac, MCMCTarget, Particles
-from fkdiff.smc.potentials import Box, Level, LogPotential, LowTemperature, Potential, log_ndtr_diff
+from fkdiff.smc.potentials import Box, Level, LogPotential, LowTemperature, Polytope, Potential, log_ndtr_diff
 from fkdiff.smc.resampling import RESAMPLERS, get_resampler, multinomial, residual, stratified, systematic
 from fkdiff.smc.weights import Weights
 
@@ -29,7 +29,7 @@ __all__ = [
     "sample", "distributed", "SMCResult", "SMCError", "SMCDegeneracyWarning", "SMCState", "StepInfo", "smc_step",
     "run_smc", "Population",
     "DiffusionFK", "FeynmanKac", "MCMCTarget", "Particles",
-    "Box", "Level", "LogPotential", "LowTemperature", "Potential", "log_ndtr_diff",
+    "Box", "Level", "LogPotential", "LowTemperature", "Polytope", "Potential", "log_ndtr_diff",
     "RESAMPLERS", "get_resampler", "multinomial", "residual", "stratified", "systematic", "Weights",
 ]
 

@@ -11,6 +11,10 @@ In both modes only the last level's potential changes the final law; earlier one
   the sampler returns without the box, conditioned on the box". Before the last level it is the box smoothed at
   sigma_k, w_k(x) = prod_i [Phi((h_i - x_i)/sigma_k) - Phi((l_i - x_i)/sigma_k)] = P(x + sigma_k eps in box),
   computed as a difference of normal CDFs in log space in float64 (stable in both tails, Box teacher convention).
+- `Polytope(A, b)`: the linear inequalities A x <= b (rows a_i over the flattened event; one row is a half-space),
+  hard at the last level on x_out like `Box`; before it, w_k(x) = prod_i Phi((b_i - a_i . x) / (sigma_k |a_i|)), the
+  probability that x + sigma_k eps satisfies each inequality (exact for one half-space; for several rows the product
+  over them, which only guides the particles: the final law is set by the last level's hard indicator alone).
 - `LowTemperature(beta)`: w_k = exp(-(beta - 1) lambda_k E(x, sigma_k)), lambda_k ramping linearly from 0 at the
   first level (sigma_max) to 1 at the last (sigma_min). In "twisted" mode the terminal law is the proposal's
   terminal law times p^(beta-1), i.e. approximately p^beta (Thornton et al. 2025, fig. 3; FK steering).
@@ -37,7 +41,7 @@ from torch import Tensor
 
 from fkdiff.special import box_log_mass, box_log_mass_grad, log_ndtr_diff  # noqa: F401  (log_ndtr_diff re-exported)
 
-__all__ = ["Level", "Potential", "Box", "LowTemperature", "LogPotential", "as_potential", "log_ndtr_diff", "POTENTIALS",
+__all__ = ["Level", "Potential", "Box", "Polytope", "LowTemperature", "LogPotential", "as_potential", "log_ndtr_diff", "POTENTIALS",
            "build"]
 
 
@@ -125,6 +129,54 @@ class Box(Potential):
         return lw, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).to(x.dtype)
 
 
+class Polytope(Potential):
+    """Linear inequalities A x <= b over the flattened event (A `[m, D]` or `[D]` for one half-space, b `[m]`): hard at
+    the last level, smoothed at sigma_k before (see the module docstring). `soft_scale` multiplies sigma_k."""
+
+    def __init__(self, A, b, *, soft_scale: float = 1.0):
+        A = torch.as_tensor(A, dtype=torch.float64)
+        A = A[None] if A.ndim == 1 else A
+        b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+        if A.ndim != 2 or b.shape != (A.shape[0],):
+            raise ValueError(f"Polytope needs A [m, D] and b [m], got A {tuple(A.shape)} and b {tuple(b.shape)}")
+        norms = A.norm(dim=1)
+        if not (torch.isfinite(A).all() and torch.isfinite(b).all() and (norms > 0).all()):
+            raise ValueError("Polytope needs finite A and b and no zero row in A")
+        if not soft_scale > 0:
+            raise ValueError(f"soft_scale must be > 0, got {soft_scale}")
+        self.A, self.b, self.norms, self.soft_scale = A, b, norms, float(soft_scale)
+
+    def _margins(self, x: Tensor) -> Tensor:
+        """b - A x `[N, m]` (float64)."""
+        A = self.A.to(x.device)
+        if x.flatten(1).shape[1] != A.shape[1]:
+            raise ValueError(f"Polytope has {A.shape[1]} columns but the particles have {x.flatten(1).shape[1]} "
+                             "coordinates")
+        return self.b.to(x.device) - x.flatten(1).double() @ A.T
+
+    def contains(self, x: Tensor) -> Tensor:
+        """`[N]` bool: x `[N, *event]` satisfies every inequality."""
+        return (self._margins(x) >= 0).all(1)
+
+    def log_potential(self, x: Tensor, level: Level) -> Tensor:
+        if level.final:
+            inside = self.contains(x if level.x_out is None else level.x_out)
+            return torch.where(inside, 0.0, -math.inf).to(torch.float64)
+        scale = level.sigma * self.soft_scale * self.norms.to(x.device)
+        return torch.special.log_ndtr(self._margins(x) / scale).sum(1)
+
+    def log_potential_and_grad(self, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
+        lw = self.log_potential(x, level)
+        if level.final:
+            return lw, torch.zeros_like(x)
+        scale = level.sigma * self.soft_scale * self.norms.to(x.device)
+        z = self._margins(x) / scale
+        # d/dx log Phi(z_i) = (phi / Phi)(z_i) * (-a_i / scale_i), the Mills ratio formed in log space
+        mills = torch.exp(-0.5 * z**2 - 0.5 * math.log(2 * math.pi) - torch.special.log_ndtr(z))
+        g = -(mills / scale) @ self.A.to(x.device)
+        return lw, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).reshape(x.shape).to(x.dtype)
+
+
 class LowTemperature(Potential):
     """w_k = exp(-(beta - 1) lambda_k E(x, sigma_k)), lambda_k = `lambda_fn(level)` (default: linear 0 -> 1).
 
@@ -188,7 +240,7 @@ def as_potential(p) -> Potential:
     raise TypeError(f"a potential must be a fkdiff.smc.Potential or a callable fn(x, sigma) -> [N], got {type(p).__name__}")
 
 
-POTENTIALS: dict[str, type[Potential]] = {"box": Box, "low_temperature": LowTemperature}
+POTENTIALS: dict[str, type[Potential]] = {"box": Box, "polytope": Polytope, "low_temperature": LowTemperature}
 
 
 def build(spec: Mapping[str, Any]) -> Potential:

@@ -28,7 +28,8 @@ diffusion; images: a grid) and `diagnostics.png` (ESS, unique ancestors and acce
 
 Many processes (GPUs, nodes): launched with WORLD_SIZE > 1 in the environment (torchrun sets it), the CLI initialises
 the process group (nccl with cuda:LOCAL_RANK when `sample.device` is cuda, gloo on CPU), shards the N particles over
-the ranks with `fkdiff.smc.distributed.sample` (global resampling; `sample.island=true` for island resampling) and
+the ranks (`fkdiff.smc.sample` with a `fkdiff.smc.distributed.ShardedPopulation`: global resampling;
+`sample.island=true` for island resampling) and
 writes the files on rank 0 only (with all N samples):
 
     torchrun --standalone --nproc_per_node=8 -m fkdiff.sample recipe=toy2d sample.device=cuda   # one node, 8 GPUs
@@ -44,12 +45,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fkdiff import compose, mcmc, plotting, smc
+from fkdiff import compose, mcmc, plotting, samplers, smc
 from fkdiff.compose import Conditioned  # noqa: F401  (re-exported: the earlier home of these names)
 from fkdiff.compose import parse as parse_expression
 from fkdiff.mcmc import build as build_mcmc
@@ -73,6 +75,15 @@ def _potential_specs(s: dict) -> dict:
     return specs
 
 
+def _num_levels(s: dict) -> int:
+    """sample.num_levels, or its deprecated former name sample.num_steps when that is given."""
+    if s.get("num_steps") is None:
+        return int(s["num_levels"])
+    warnings.warn("sample.num_steps is deprecated for the number of SMC levels: use sample.num_levels "
+                  "(sample.mcmc.num_steps counts MCMC steps per level)", DeprecationWarning, stacklevel=2)
+    return int(s["num_steps"])
+
+
 def run(cfg: DictConfig) -> dict:
     """Sample as configured by `cfg.sample`; returns the diagnostics dict (also written to the run folder)."""
     s = OmegaConf.to_container(cfg.sample, resolve=True)
@@ -93,20 +104,16 @@ def run(cfg: DictConfig) -> dict:
     target = compose.parse(s["target"], models)
     proposal = compose.parse(s["proposal"], models) if s.get("proposal") else None
     shape = tuple(s.get("shape") or infer_shape(models))
+    num_levels = _num_levels(s)
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    sampler, extra = smc.sample, {}
-    if world_size > 1:
-        sampler, extra = smc.distributed.sample, {"island": bool(s.get("island", False)), "gather": True}
-    result = sampler(
-        target, int(s["num_particles"]), shape=shape, num_steps=int(s["num_steps"]),
-        sigma_max=float(s["sigma_max"]), sigma_min=float(s["sigma_min"]), proposal=proposal,
+    population = smc.distributed.ShardedPopulation(island=bool(s["island"])) if world_size > 1 else None
+    result = smc.sample(
+        target, int(s["num_particles"]), shape=shape, num_levels=num_levels, sigma_max=float(s["sigma_max"]),
+        sigma_min=float(s["sigma_min"]), proposal=proposal, mode=s["mode"],
         potentials=[P.build(spec) for spec in _potential_specs(s).values()], mcmc=mcmc.build(s.get("mcmc")),
-        resample=s.get("resample", "systematic"),
-        ess_threshold=float(s.get("ess_threshold", 0.5)), mode=s.get("mode", "sampler"),
-        final_denoise=bool(s.get("final_denoise", True)), generator=gen, device=device,
-        max_batch=s.get("max_batch"), progress=bool(s.get("progress", True)),
-        init_std=s.get("init_std"), **extra,
-    )
+        resample=s["resample"], ess_threshold=float(s["ess_threshold"]), final_denoise=bool(s["final_denoise"]),
+        init_std=s.get("init_std"), generator=gen, device=device, max_batch=s.get("max_batch"),
+        progress=bool(s["progress"]), population=population)
     island_log_z = getattr(result, "island_log_Z", None)
     if world_size > 1:
         result = result.full()  # all N samples (gathered on every rank); only rank 0 writes
@@ -116,37 +123,29 @@ def run(cfg: DictConfig) -> dict:
             return dict(result.summary(), world_size=world_size)
     equal = result.resample(gen)
     saved = {"samples": result.samples.cpu(), "log_weights": result.log_weights.cpu(), "resampled": equal.cpu()}
-    diag = dict(result.summary())
-    diag.update(target=s["target"], num_particles=int(s["num_particles"]), num_steps=int(s["num_steps"]),
-                ess=result.ess.tolist(), unique_ancestors=result.unique_ancestors.tolist(),
-                resampled=result.resampled.tolist(), num_invalid=result.num_invalid.tolist(),
-                acceptance=None if result.acceptance is None else result.acceptance.tolist(),
-                step_size=None if result.step_size is None else result.step_size.tolist(),
+    diag = dict(result.summary(), target=s["target"], num_particles=int(s["num_particles"]), num_levels=num_levels,
+                **{k: None if v is None else v.tolist() for k, v in result.levels.items()},
                 sigmas=None if result.sigmas is None else result.sigmas.tolist(), warnings=list(result.warnings),
                 world_size=world_size)
     if island_log_z is not None:
         diag["island_log_Z"] = island_log_z.tolist()
     baseline = None
-    if s.get("compare_reverse_diffusion", True) and len(shape) == 1 and shape[0] == 2:
-        from fkdiff.samplers import reverse_diffusion
-
-        baseline = reverse_diffusion(target, int(s["num_particles"]), shape=shape, num_steps=int(s["num_steps"]),
-                                     sigma_max=float(s["sigma_max"]), sigma_min=float(s["sigma_min"]),
-                                     generator=torch.Generator(device=device).manual_seed(int(cfg.seed) + 1),
-                                     device=device, max_batch=s.get("max_batch")).samples
-        saved["reverse_diffusion"] = baseline.cpu()
+    if s["compare_reverse_diffusion"] and shape == (2,):  # the naive summed-score sampler on the same levels
+        baseline = samplers.reverse_diffusion(
+            target, int(s["num_particles"]), shape=shape, num_levels=num_levels, sigma_max=float(s["sigma_max"]),
+            sigma_min=float(s["sigma_min"]), device=device, max_batch=s.get("max_batch"),
+            generator=torch.Generator(device=device).manual_seed(int(cfg.seed) + 1))
+        saved["reverse_diffusion"] = baseline.samples.cpu()
     torch.save(saved, run_dir / "samples.pt")
     (run_dir / "diagnostics.json").write_text(json.dumps(_jsonable(diag), indent=2))
-    if s.get("plot", {}).get("enabled", True):
-        title = f"{s['target']}  (log Z = {result.log_Z:.3f} ± {result.log_Z_se:.3f})"
-        fig = plotting.samples_figure(target, equal, sigma=float(s["sigma_min"]), lim=float(s["plot"].get("lim", 1.5)),
-                                      others=None if baseline is None else {"naive reverse diffusion": baseline},
-                                      title=title, max_batch=s.get("max_batch"))
+    if s["plot"]["enabled"]:
+        fig = plotting.samples_figure(target, equal, sigma=float(s["sigma_min"]), lim=float(s["plot"]["lim"]),
+                                      others=None if baseline is None else {"naive reverse diffusion": baseline.samples},
+                                      title=f"{s['target']}  ({result.report()})", max_batch=s.get("max_batch"))
         if fig is not None:
             plotting.save(fig, run_dir / "samples.png")
         plotting.save(plotting.diagnostics_figure(result), run_dir / "diagnostics.png")
-    print(f"[fkdiff.sample] {s['target']}: log Z = {result.log_Z:.4f} +- {result.log_Z_se:.4f}, "
-          f"min ESS = {result.min_ess:.1f}/{result.num_particles}, results in {run_dir}")
+    print(f"[fkdiff.sample] {s['target']}: {result.report()}, results in {run_dir}")
     return diag
 
 

@@ -29,7 +29,7 @@ from teachers.analytic import GaussianMixture
 ROOT = Path(__file__).resolve().parents[1]
 Z_TOL, INFLATION = 4.5, 8.0
 FAST = ["recipe=toy2d", "sample.progress=false", "sample.compare_reverse_diffusion=false", "sample.plot.enabled=false",
-        "sample.num_particles=200", "sample.num_steps=20", "seed=3"]
+        "sample.num_particles=200", "sample.num_levels=20", "seed=3"]
 
 
 def _run(tmp_path, *overrides, name="run"):
@@ -62,7 +62,7 @@ def _exact_log_z_ring_strip(sigma: float) -> float:
 
 
 def test_cli_product_matches_exact_log_z(tmp_path):
-    cfg = compose(["recipe=toy2d", f"run_dir={tmp_path}", "sample.num_particles=600", "sample.num_steps=60",
+    cfg = compose(["recipe=toy2d", f"run_dir={tmp_path}", "sample.num_particles=600", "sample.num_levels=60",
                    "sample.progress=false", "sample.compare_reverse_diffusion=false", "seed=3"])
     diag = run(cfg)
     for f in ("config.yaml", "samples.pt", "diagnostics.json", "samples.png", "diagnostics.png"):
@@ -121,7 +121,7 @@ def test_students_replace_analytic_models(tmp_path):
         st = build_student((2,), 0.5, "l2", backbone={"kind": "mlp", "width": 16, "num_blocks": 1})
         save_student(st, run_dir / preset / "student.pt")
     cfg = compose(["recipe=toy2d", f"run_dir={tmp_path / 'out'}", f"sample.students={run_dir}",
-                   "sample.num_particles=64", "sample.num_steps=8", "sample.progress=false",
+                   "sample.num_particles=64", "sample.num_levels=8", "sample.progress=false",
                    "sample.compare_reverse_diffusion=false", "sample.plot.enabled=false"])
     diag = run(cfg)
     assert math.isfinite(diag["log_Z"]) and len(diag["ess"]) == 8
@@ -145,7 +145,7 @@ def test_models_and_target_mixture(tmp_path):
     """sample.models + sample.target: a mixture of the two normalised presets is normalised (log Z = 0), and its
     mass splits 1 : 3 between them."""
     diag, saved, _ = _run(tmp_path, 'sample.target="mixture(ring, strip, weights=[1, 3])"', "sample.num_particles=600",
-                          "sample.num_steps=40")
+                          "sample.num_levels=40")
     assert diag["target"] == "mixture(ring, strip, weights=[1, 3])"
     assert abs(diag["log_Z"]) < 4 * diag["log_Z_se"] + 0.05, diag["log_Z"]
     x, w = saved["samples"].double(), saved["log_weights"].exp()
@@ -157,8 +157,8 @@ def test_models_and_target_mixture(tmp_path):
 def test_proposal(tmp_path):
     """sample.proposal: a separate score field drives the moves (one more evaluation per level and per MCMC
     refresh, except at the last level), the weights still target the product."""
-    d0, _, cfg = _run(tmp_path, "sample.num_particles=300", "sample.num_steps=40", name="own")
-    d1, _, _ = _run(tmp_path, "sample.proposal=ring", "sample.num_particles=300", "sample.num_steps=40", name="ring")
+    d0, _, cfg = _run(tmp_path, "sample.num_particles=300", "sample.num_levels=40", name="own")
+    d1, _, _ = _run(tmp_path, "sample.proposal=ring", "sample.num_particles=300", "sample.num_levels=40", name="ring")
     assert d1["nfe"] - d0["nfe"] == pytest.approx(2 * (40 - 1))
     exact = _exact_log_z_ring_strip(cfg.sample.sigma_min)
     assert abs(d1["log_Z"] - exact) < 4 * d1["log_Z_se"] + 0.05, (d1["log_Z"], exact)
@@ -173,13 +173,18 @@ def test_shape(tmp_path):
         _run(tmp_path, "sample.shape=[3]", name="c")
 
 
-def test_num_particles_num_steps_and_sigma_range(tmp_path):
-    diag, saved, _ = _run(tmp_path, "sample.num_particles=120", "sample.num_steps=17", "sample.sigma_max=5.0",
+def test_num_particles_num_levels_and_sigma_range(tmp_path):
+    diag, saved, _ = _run(tmp_path, "sample.num_particles=120", "sample.num_levels=17", "sample.sigma_max=5.0",
                           "sample.sigma_min=0.01")
     assert saved["samples"].shape == (120, 2) and saved["resampled"].shape == (120, 2)
     assert diag["num_particles"] == 120 and len(diag["ess"]) == 17 and len(diag["sigmas"]) == 17
+    assert diag["num_levels"] == 17
     assert diag["sigmas"][0] == 5.0 and diag["sigmas"][-1] == 0.01
     assert all(a > b for a, b in zip(diag["sigmas"], diag["sigmas"][1:]))
+    # sample.num_steps: the deprecated former name of num_levels still works, with a DeprecationWarning
+    with pytest.warns(DeprecationWarning, match="sample.num_levels"):
+        old, _, _ = _run(tmp_path, "sample.num_steps=12", name="alias")
+    assert old["num_levels"] == 12 and len(old["ess"]) == 12
 
 
 def test_mode_twisted_without_potentials_is_the_proposal(tmp_path):
@@ -201,7 +206,7 @@ def test_temperature_sharpens_mode_masses(tmp_path):
     w = torch.tensor([4.0, 1, 1, 1, 1, 1, 1, 1], dtype=torch.float64)
     n = 500
     common = [_weighted_ring(w.tolist()), "sample.target=g", "sample.mode=twisted", f"sample.num_particles={n}",
-              "sample.num_steps=50"]
+              "sample.num_levels=50"]
     cold, cold_saved, _ = _run(tmp_path, *common, "sample.temperature=3", "sample.mcmc.num_steps=2", name="cold")
     warm, warm_saved, _ = _run(tmp_path, *common, "sample/mcmc=none", name="warm")
     centers = ring8().means
@@ -226,7 +231,7 @@ def test_bounds_zero_violations(tmp_path):
     """sample.bounds: the hard box at the last level; no returned point (weighted or resampled) violates it, and the
     product's mass moves to the one ring mode inside the box."""
     diag, saved, _ = _run(tmp_path, "sample.bounds={low: [-0.2, 0.0], high: [0.2, 1.0]}", "sample.num_particles=300",
-                          "sample.num_steps=40")
+                          "sample.num_levels=40")
     low, high = torch.tensor([-0.2, 0.0], dtype=torch.float64), torch.tensor([0.2, 1.0], dtype=torch.float64)
     for key in ("samples", "resampled"):
         x = saved[key].double()
@@ -247,7 +252,7 @@ def test_potentials(tmp_path):
     # a general linear constraint (fkdiff.smc.Polytope) by name: the half-plane x_0 + x_1 <= 0 keeps the mode at
     # (0, -0.5) and drops the one at (0, 0.5): half the product's mass
     d3, s3, _ = _run(tmp_path, "+sample.potentials.cut={kind: polytope, A: [[1, 1]], b: [0.0]}",
-                     "sample.num_particles=300", "sample.num_steps=40", name="polytope")
+                     "sample.num_particles=300", "sample.num_levels=40", name="polytope")
     assert (s3["samples"].sum(1) <= 0).all() and (s3["resampled"][:, 1] < 0).all()
     exact = _exact_log_z_ring_strip(0.002) - math.log(2.0)
     assert abs(d3["log_Z"] - exact) < 4 * d3["log_Z_se"] + 0.1, (d3["log_Z"], exact)
@@ -282,7 +287,7 @@ def test_mcmc_options(tmp_path):
     # the adapted step size follows the target acceptance: a higher target gives a higher mean acceptance
     acc = {}
     for ta in (0.3, 0.95):
-        d, _, _ = _run(tmp_path, f"sample.mcmc.target_accept={ta}", "sample.num_steps=60", name=f"ta{ta}")
+        d, _, _ = _run(tmp_path, f"sample.mcmc.target_accept={ta}", "sample.num_levels=60", name=f"ta{ta}")
         acc[ta] = d["mean_acceptance"]
     assert acc[0.95] > acc[0.3] + 0.2, acc
     assert mcmc.build({"kind": "hmc", "damping": 0.5, "target_accept": None}).damping == 0.5
@@ -406,7 +411,7 @@ def test_island_resampling_under_torchrun(tmp_path):
     """sample.island=true under torchrun (WORLD_SIZE=2): two independent islands whose log Z are combined; no particle
     crosses ranks. (Global resampling under torchrun: tests/test_smc_distributed.py::test_cli_under_torchrun.)"""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fkdiff.sample",
-           *FAST, f"run_dir={tmp_path}", "sample.island=true", "sample.num_particles=400", "sample.num_steps=30"]
+           *FAST, f"run_dir={tmp_path}", "sample.island=true", "sample.num_particles=400", "sample.num_levels=30"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
@@ -424,10 +429,11 @@ def test_island_resampling_under_torchrun(tmp_path):
 OPTION_TESTS = {
     "models": "test_models_and_target_mixture", "target": "test_models_and_target_mixture",
     "students": "test_students_replace_analytic_models", "proposal": "test_proposal", "shape": "test_shape",
-    "num_particles": "test_num_particles_num_steps_and_sigma_range",
-    "num_steps": "test_num_particles_num_steps_and_sigma_range",
-    "sigma_max": "test_num_particles_num_steps_and_sigma_range",
-    "sigma_min": "test_num_particles_num_steps_and_sigma_range",
+    "num_particles": "test_num_particles_num_levels_and_sigma_range",
+    "num_levels": "test_num_particles_num_levels_and_sigma_range",
+    "num_steps": "test_num_particles_num_levels_and_sigma_range",
+    "sigma_max": "test_num_particles_num_levels_and_sigma_range",
+    "sigma_min": "test_num_particles_num_levels_and_sigma_range",
     "mode": "test_mode_twisted_without_potentials_is_the_proposal", "temperature": "test_temperature_sharpens_mode_masses",
     "bounds": "test_bounds_zero_violations", "potentials": "test_potentials", "mcmc.kind": "test_mcmc_kernels", "mcmc.num_steps": "test_mcmc_options",
     "mcmc.num_leapfrog": "test_mcmc_options", "mcmc.step_size": "test_mcmc_options",

@@ -95,7 +95,7 @@ def case_product_gaussians(gen):
     a = gaussian([1.0, 0.0], [[0.5, 0.2], [0.2, 0.3]])
     b = gaussian([0.0, 1.0], 0.4)
     r, log_z = gmm_product(a, b, SMIN)
-    res = smc.sample(compose.product(a, b), 1000, shape=(2,), num_steps=200, sigma_max=20.0, sigma_min=SMIN,
+    res = smc.sample(compose.product(a, b), 1000, shape=(2,), num_levels=200, sigma_max=20.0, sigma_min=SMIN,
                      mcmc=_hmc(), generator=gen, final_denoise=False)
     return dict(res=res, log_z=log_z, mean=r.mean(), cov=r.covariance())
 
@@ -103,7 +103,7 @@ def case_product_gaussians(gen):
 def case_product_gmms(gen):
     a, b = ring8(radius=1.0, std=0.15), _gmm_b()
     r, log_z = gmm_product(a, b, SMIN)
-    res = smc.sample(compose.product(a, b), 1000, shape=(2,), num_steps=200, sigma_max=80.0, sigma_min=SMIN,
+    res = smc.sample(compose.product(a, b), 1000, shape=(2,), num_levels=200, sigma_max=80.0, sigma_min=SMIN,
                      mcmc=_hmc(), generator=gen, final_denoise=False)
     return dict(res=res, log_z=log_z, mean=r.mean(), cov=r.covariance(), centers=a.means,
                 masses=_exact_masses_from(r, a.means))
@@ -121,7 +121,7 @@ def case_mixture(gen):
     mix = compose.mixture(a, b, weights=[0.3, 0.7])
     exact = GaussianMixture(torch.cat([a.means, b.means]), torch.cat([a.covs, b.covs]),
                             torch.cat([0.3 * a.weights, 0.7 * b.weights]))
-    res = smc.sample(mix, 1000, shape=(2,), num_steps=100, sigma_max=20.0, sigma_min=SMIN, generator=gen,
+    res = smc.sample(mix, 1000, shape=(2,), num_levels=100, sigma_max=20.0, sigma_min=SMIN, generator=gen,
                      mcmc=_hmc(), final_denoise=False)
     centers = exact.means
     return dict(res=res, log_z=0.0, mean=exact.mean(), cov=exact.covariance(), centers=centers,
@@ -135,7 +135,7 @@ def case_negation(gen):
     neg = compose.negation(a, b, alpha=0.5)
     log_z, pts, p = _grid(neg, SMIN)
     centers = a.means
-    res = smc.sample(neg, 1000, shape=(2,), num_steps=200, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
+    res = smc.sample(neg, 1000, shape=(2,), num_levels=200, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
                      generator=gen, final_denoise=False, init_std=40.0)
     return dict(res=res, log_z=log_z, centers=centers, masses=_masses(pts, p, centers))
 
@@ -147,7 +147,7 @@ def case_tempered(gen):
                         [0.5, 0.3, 0.2])
     t = compose.tempered(a, 2.0)
     log_z, pts, p = _grid(t, SMIN)
-    res = smc.sample(t, 1000, shape=(2,), num_steps=200, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
+    res = smc.sample(t, 1000, shape=(2,), num_levels=200, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
                      generator=gen, final_denoise=False)
     return dict(res=res, log_z=log_z, centers=a.means, masses=_masses(pts, p, a.means))
 
@@ -165,7 +165,7 @@ def _truncated_ring4():
 
 def case_box(gen, final_denoise=True):
     a, low, high, log_z, masses = _truncated_ring4()
-    res = smc.sample(a, 1000, shape=(2,), num_steps=200, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
+    res = smc.sample(a, 1000, shape=(2,), num_levels=200, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
                      potentials=[smc.Box(low, high)], generator=gen, final_denoise=final_denoise)
     return dict(res=res, log_z=log_z, centers=a.means, masses=masses, low=low, high=high)
 
@@ -175,7 +175,7 @@ def case_halfspace(gen):
     # centres (each keeps exactly half its mass) and keeps the other two whole (margin 2 / (0.15 sqrt 2) = 9.4 sd)
     a = _ring4(weights=[0.4, 0.3, 0.2, 0.1])
     mass = torch.tensor([0.2, 0.15, 0.2, 0.1], dtype=torch.float64)
-    res = smc.sample(a, 1000, shape=(2,), num_steps=200, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
+    res = smc.sample(a, 1000, shape=(2,), num_levels=200, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
                      potentials=[smc.Polytope([[1.0, 1.0]], [1.0])], generator=gen)
     return dict(res=res, log_z=math.log(float(mass.sum())), centers=a.means, masses=mass / mass.sum())
 
@@ -187,7 +187,7 @@ def case_twisted_low_temperature(gen):
                         [0.5, 0.3, 0.2])
     beta = 2.0
     log_zb, pts, p = _grid(compose.tempered(a, beta), SMIN)
-    res = smc.sample(a, 1000, shape=(2,), num_steps=100, sigma_max=20.0, sigma_min=SMIN, mode="twisted",
+    res = smc.sample(a, 1000, shape=(2,), num_levels=100, sigma_max=20.0, sigma_min=SMIN, mode="twisted",
                      potentials=[smc.LowTemperature(beta)], generator=gen, final_denoise=False)
     # log Z of the twisted model = log E_p[p^(beta-1)] = log ∫ p^beta (energies are normalised)
     return dict(res=res, log_z=log_zb, centers=a.means, masses=_masses(pts, p, a.means))
@@ -252,7 +252,7 @@ def test_box(gen, final_denoise):
     assert inside.all(), int((~inside).sum())  # no violations, weighted or not
     if not final_denoise:
         a, low, high, _, _ = _truncated_ring4()
-        res = smc.sample(a, 200, shape=(2,), num_steps=30, sigma_max=20.0, sigma_min=SMIN,
+        res = smc.sample(a, 200, shape=(2,), num_levels=30, sigma_max=20.0, sigma_min=SMIN,
                          potentials=[smc.Box(low, high)], generator=gen, final_denoise=False)
         assert ((res.samples >= low) & (res.samples <= high)).all(1)[res.weights > 0].all()
 
@@ -352,7 +352,7 @@ def test_nan_energies_and_scores_are_dropped_and_counted(gen):
     a = _ring4()
     broken = _Broken(a, energy_nan=lambda x, s: (x[:, 0] > 3.0) & (s > 1.0),
                      score_nan=lambda x, s: (x[:, 1] > 3.0) & (s > 1.0))
-    res = smc.sample(broken, 500, shape=(2,), num_steps=60, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
+    res = smc.sample(broken, 500, shape=(2,), num_levels=60, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(),
                      generator=gen)
     assert res.total_invalid > 0
     assert torch.isfinite(res.samples).all() and math.isfinite(res.log_Z)
@@ -365,16 +365,16 @@ def test_all_dead_raises_naming_the_level(gen):
     sigmas = smc.DiffusionFK(a, __import__("fkdiff").diffusion.sigma_schedule(40, SMIN, 20.0), shape=(2,)).sigmas
     first = int(torch.nonzero(sigmas < 1.0)[0])
     with pytest.raises(smc.SMCError, match=rf"level {first} \(sigma"):
-        smc.sample(broken, 100, shape=(2,), num_steps=40, sigma_max=20.0, sigma_min=SMIN, generator=gen)
+        smc.sample(broken, 100, shape=(2,), num_levels=40, sigma_max=20.0, sigma_min=SMIN, generator=gen)
     # a hard constraint nobody satisfies: also an error, not NaN samples
     first = int(torch.nonzero(sigmas < 0.01)[0])
     with pytest.raises(smc.SMCError, match=rf"level {first} "):
-        smc.sample(a, 100, shape=(2,), num_steps=40, sigma_max=20.0, sigma_min=SMIN, generator=gen,
+        smc.sample(a, 100, shape=(2,), num_levels=40, sigma_max=20.0, sigma_min=SMIN, generator=gen,
                    potentials=[lambda x, s: torch.where(s < 0.01, -math.inf, 0.0).double()])
 
 
 def test_independent_of_max_batch():
-    kw = dict(shape=(2,), num_steps=15, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(), potentials=[smc.Box([-2, -2], [2, 2])])
+    kw = dict(shape=(2,), num_levels=15, sigma_max=20.0, sigma_min=SMIN, mcmc=_hmc(), potentials=[smc.Box([-2, -2], [2, 2])])
     target = compose.product(_ring4(), _gmm_b())
     r1 = smc.sample(target, 64, generator=torch.Generator().manual_seed(3), **kw)
     r2 = smc.sample(target, 64, generator=torch.Generator().manual_seed(3), max_batch=5, **kw)
@@ -387,7 +387,7 @@ def test_log_z_across_resampling_thresholds(ess_threshold):
     # mixture of normalised components: log Z = 0 whatever the resampling policy; weights carried across
     # non-resampling steps (never overwritten) keep the estimator consistent. sd over 10 seeds: 0.05 (mixture case)
     mix = compose.mixture(_ring4(), _gmm_b(), weights=[0.3, 0.7])
-    res = smc.sample(mix, 1000, shape=(2,), num_steps=100, sigma_max=20.0, sigma_min=SMIN, generator=torch.Generator().manual_seed(5),
+    res = smc.sample(mix, 1000, shape=(2,), num_levels=100, sigma_max=20.0, sigma_min=SMIN, generator=torch.Generator().manual_seed(5),
                      ess_threshold=ess_threshold, final_denoise=False)
     assert abs(res.log_Z) <= Z_TOL * LOG_Z_SD["mixture"]
     n_res = int(res.resampled.sum())
@@ -401,7 +401,7 @@ def test_separate_proposal_and_result_api(gen):
     # energies set the weights
     a, b = gaussian([1.0, 0.0], [[0.5, 0.2], [0.2, 0.3]]), gaussian([0.0, 1.0], 0.4)
     r, log_z = gmm_product(a, b, SMIN)
-    res = smc.sample(compose.product(a, b), 1000, shape=(2,), num_steps=100, sigma_max=20.0, sigma_min=SMIN,
+    res = smc.sample(compose.product(a, b), 1000, shape=(2,), num_levels=100, sigma_max=20.0, sigma_min=SMIN,
                      proposal=gaussian([0.0, 0.0], 1.0), mcmc=_hmc(), generator=gen, final_denoise=False)
     assert abs(res.log_Z - log_z) <= Z_TOL * LOG_Z_SD["product_gaussians"]
     _check_moments(res, r.mean(), r.covariance())
@@ -415,9 +415,19 @@ def test_separate_proposal_and_result_api(gen):
     assert summary["min_ess"] == res.min_ess and res.ess.shape == (100,) and res.unique_ancestors.shape == (100,)
 
 
+def test_num_steps_is_the_deprecated_name_of_num_levels():
+    kw = dict(shape=(2,), sigma_max=20.0, sigma_min=SMIN, final_denoise=False)
+    new = smc.sample(_ring4(), 64, num_levels=12, generator=torch.Generator().manual_seed(1), **kw)
+    with pytest.warns(DeprecationWarning, match="num_levels"):
+        old = smc.sample(_ring4(), 64, num_steps=12, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(new.samples, old.samples) and old.ess.shape == (12,)
+    with pytest.raises(TypeError, match="num_levels only"):
+        smc.sample(_ring4(), 64, num_levels=12, num_steps=12, **kw)
+
+
 def test_collapse_warns(gen):
     with pytest.warns(smc.SMCDegeneracyWarning):
-        res = smc.sample(compose.product(_ring4(), _gmm_b()), 500, shape=(2,), num_steps=3, sigma_max=20.0,
+        res = smc.sample(compose.product(_ring4(), _gmm_b()), 500, shape=(2,), num_levels=3, sigma_max=20.0,
                          sigma_min=SMIN, generator=gen)
     assert res.warnings and res.min_ess < 10
 
@@ -472,7 +482,7 @@ def test_hmc_acceptance_never_collapses_on_a_gmm_product():
     g = torch.Generator().manual_seed(3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = smc.sample(compose.product(r8, two), 500, shape=(2,), num_steps=100, sigma_max=80.0, sigma_min=0.002,
+        res = smc.sample(compose.product(r8, two), 500, shape=(2,), num_levels=100, sigma_max=80.0, sigma_min=0.002,
                          mcmc=HMC(1, 3), generator=g)
     acc = res.acceptance
     assert float(acc.min()) > 0.15, f"acceptance collapsed to {float(acc.min()):.3f} at sigma {float(res.sigmas[acc.argmin()]):.3g}"

@@ -195,7 +195,8 @@ def smc_step(
     state         carried state (particles None at t = 0)
     resampler     resample(log_weights [N], num, generator) -> ancestors [num]
     ess_threshold resample when ESS < ess_threshold * N (>= 1: every level; 0: never)
-    mcmc          kernel(x, logdensity_fn, *, generator, state, logp, grad) -> (x, state, info), or None
+    mcmc          kernel(x, logdensity_fn, *, generator, state, logp, grad) -> (x, state, info), or None (run_smc
+                  passes an fkdiff.mcmc kernel already bound to the population: `kernel.for_population(population)`)
     population    where the particles live (default: all here); `num_particles` is the number held here
     resample_generator  draws the ancestors (default: generator); must be identical on all processes when sharded
     """
@@ -413,6 +414,8 @@ def run_smc(
     if mcmc is not None and not callable(getattr(fk, "mcmc_target", None)):
         raise TypeError(f"{type(fk).__name__} has no mcmc_target(t, particles): it does not support MCMC rejuvenation")
     resampler = get_resampler(resample)
+    if mcmc is not None and callable(getattr(mcmc, "for_population", None)):
+        mcmc = mcmc.for_population(pop)  # step size chosen and adapted over the whole population (fkdiff.mcmc)
     t0 = time.perf_counter()
     device = getattr(fk, "device", None)
     n_here, first = pop.local_size(n), pop.offset(n)

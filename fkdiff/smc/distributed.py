@@ -13,9 +13,10 @@ the particles with global indices [r n, (r + 1) n), n = N / R (N must be divisib
     exchange             each needed particle that lives on another rank crosses once (one all_to_all_single with
                          uneven splits of the packed particle rows, all cached fields and the level-0 ancestor index
                          included); receivers expand the copies locally, preserving ancestor order
-    move                 MCMC on the shard; the step size c * population_scale uses the median over all N particles
-                         and c is adapted from the global mean acceptance (both all-gathered), so every rank keeps
-                         the same step size
+    move                 MCMC on the shard, any fkdiff.mcmc kernel: its StepSizeAdapter is bound to the sharded
+                         population (`kernel.for_population`), so the step size c * population_scale uses the median
+                         over all N particles and c is adapted from the global mean acceptance (both all-gathered):
+                         every rank keeps the same step size
 
 The propagation / MCMC noise comes from each rank's own generator (seeded from (seed, rank)), so ranks draw
 independent noise. Given the same ancestors, the rows each rank holds after the exchange are exactly those one process
@@ -63,12 +64,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fkdiff.mcmc import Kernel, MCMCInfo, MCMCState, scale_from_mean_squared_grad
 from fkdiff.smc.core import COLLECTORS, Population, SMCResult
 from fkdiff.smc.core import run_smc as _run_smc
 from fkdiff.smc.fk import FeynmanKac, Particles
 
-__all__ = ["sample", "run_smc", "ShardedPopulation", "SharedStepKernel", "DistributedSMCResult", "rank_generators"]
+__all__ = ["sample", "run_smc", "ShardedPopulation", "DistributedSMCResult", "rank_generators"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -207,51 +207,6 @@ def _unpack(buf: Tensor, specs: list) -> list[Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# MCMC with a population-wide step size
-
-
-class SharedStepKernel:
-    """An `fkdiff.mcmc.Kernel` run on a shard with the step size of the whole population.
-
-    eps = c * population_scale over all N particles (the median of the all-gathered mean squared gradients), and
-    log c <- log c + adapt_gain (mean acceptance over all N - target_accept) (the kernel's own rule): every rank
-    uses and carries the same step size. With one rank it equals the kernel itself.
-    """
-
-    def __init__(self, kernel: Kernel, population: Population):
-        if not isinstance(kernel, Kernel):
-            raise TypeError(f"distributed SMC adapts fkdiff.mcmc.Kernel step sizes across ranks; got "
-                            f"{type(kernel).__name__} (wrap your kernel as a fkdiff.mcmc.Kernel subclass)")
-        self.kernel, self.population = kernel, population
-
-    def init_state(self) -> MCMCState:
-        return self.kernel.init_state()
-
-    def __call__(self, x: Tensor, logdensity_fn, *, generator: torch.Generator | None, state: MCMCState,
-                 logp: Tensor | None = None, grad: Tensor | None = None) -> tuple[Tensor, MCMCState, MCMCInfo]:
-        k = self.kernel
-        extra = 0
-        if logp is None or grad is None:
-            logp, grad = logdensity_fn(x.detach())
-            logp, grad = logp.detach().double(), grad.detach().to(x.dtype)
-            extra = 1
-        if k.step_size is not None:
-            eps = float(k.step_size)
-        else:
-            msg = grad.detach().double().flatten(1).pow(2).mean(1)
-            eps = math.exp(state.log_scale) * scale_from_mean_squared_grad(self.population.gather(msg))
-            if k.max_step_size is not None:
-                eps = min(eps, float(k.max_step_size))
-        x_new, _, info = dataclasses.replace(k, step_size=eps)(x, logdensity_fn, generator=generator, state=state,
-                                                               logp=logp, grad=grad)
-        mean_acc = float(self.population.gather(info.mh_acceptance.detach().double()).mean())
-        new_state = k._adapt(state, mean_acc, eps)
-        if extra:
-            info = dataclasses.replace(info, num_evals=info.num_evals + extra)
-        return x_new, new_state, info
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # result
 
 
@@ -375,8 +330,7 @@ def run_smc(
     if resample_generator is None:
         raise ValueError("global resampling needs a resample_generator seeded identically on every rank "
                          "(see rank_generators)")
-    kernel = SharedStepKernel(mcmc, pop) if mcmc is not None else None
-    res = _run_smc(fk, n_total, generator=generator, resample=resample, ess_threshold=ess_threshold, mcmc=kernel,
+    res = _run_smc(fk, n_total, generator=generator, resample=resample, ess_threshold=ess_threshold, mcmc=mcmc,
                    progress=show, population=pop, resample_generator=resample_generator)
     return _wrap(res, pop, n_total)
 

@@ -11,6 +11,10 @@ grad_x logp [N, *event])` and moves the whole population at once, with a per-par
   (the algorithm's two momentum negations cancel on acceptance and flip the momentum on rejection).
 - `MALA` — Metropolis-adjusted Langevin (Besag 1994; Du et al. eq. 4 plus correction):
       x' = x + (eps^2 / 2) grad logp(x) + eps z,  accepted with the Metropolis–Hastings ratio of the Gaussian proposals.
+- `RWM` — random-walk Metropolis (Metropolis et al. 1953): x' = x + eps z, accepted with min(1, pi(x') / pi(x)).
+  It ignores the gradient in its move (robust where scores are noisy or stiff, e.g. near hard constraints); the
+  gradient it carries only sets the population step size. Optimal acceptance about 0.23-0.44 (Roberts, Gelman &
+  Gilks 1997 in high dimension; higher in 1-2D): `target_accept` 0.3.
 - `ULA`, `UHMC` — the same moves without the correction (Du et al. eq. 4; Geffner & Domke 2021). They are
   *approximate*: they leave a perturbed law invariant (e.g. ULA on N(0, s^2) at step eps has stationary variance
   s^2 / (1 - eps^2 / (4 s^2))). `kernel.adjusted` is False for them and `info.acceptance` is 1.
@@ -73,6 +77,7 @@ __all__ = [
     "MALA",
     "ULA",
     "UHMC",
+    "RWM",
     "population_scale",
     "scale_from_mean_squared_grad",
     "run",
@@ -426,6 +431,29 @@ class ULA(MALA):
     adjusted = False
 
 
+@dataclass(frozen=True)
+class RWM(Kernel):
+    """Random-walk Metropolis: x' = x + eps z, z ~ N(0, I), accepted per particle with min(1, pi(x') / pi(x))."""
+
+    target_accept: float = 0.3
+
+    def step(self, state, logdensity_fn, step_size, generator):
+        x, logp, grad = state
+        mh_sum = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        n_div = n_bad = 0
+        for _ in range(self.num_steps):
+            xn = x + step_size * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            lpn, gn = _evaluate(logdensity_fn, xn)
+            ok = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(gn)
+            prob, accept = self._accept(lpn - logp, ok, generator, x)  # symmetric proposal: the density ratio only
+            n_bad += int((~ok).sum())
+            n_div += int((ok & (logp - lpn > self.divergence_threshold)).sum())
+            mh_sum += prob
+            m = _bcast(accept, x)
+            x, grad, logp = torch.where(m, xn, x), torch.where(m, gn, grad), torch.where(accept, lpn, logp)
+        return ChainState(x, logp, grad), self._info(mh_sum, self.num_steps, n_div, n_bad)
+
+
 def run(
     kernel: Kernel,
     x0: Tensor,
@@ -465,7 +493,7 @@ def target_logdensity(target: Any, sigma: float | Tensor, *, max_batch: int | No
     return fn
 
 
-KERNELS: dict[str, type[Kernel]] = {"hmc": HMC, "mala": MALA, "ula": ULA, "uhmc": UHMC}
+KERNELS: dict[str, type[Kernel]] = {"hmc": HMC, "mala": MALA, "ula": ULA, "uhmc": UHMC, "rwm": RWM}
 
 
 def build(spec: Mapping[str, Any] | None) -> Kernel | None:

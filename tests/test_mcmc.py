@@ -87,6 +87,7 @@ KERNELS = {
     "hmc_L1": lambda: mcmc.HMC(num_leapfrog=1, num_steps=2),
     "mala": lambda: mcmc.MALA(),
     "mala_3steps": lambda: mcmc.MALA(num_steps=3),
+    "rwm_3steps": lambda: mcmc.RWM(num_steps=3),
 }
 
 
@@ -162,7 +163,7 @@ def truncated_logdensity(cut, bad):
 
 
 @pytest.mark.parametrize("bad", ["-inf", "nan"])
-@pytest.mark.parametrize("cls", [mcmc.HMC, mcmc.MALA, mcmc.ULA, mcmc.UHMC])
+@pytest.mark.parametrize("cls", [mcmc.HMC, mcmc.MALA, mcmc.ULA, mcmc.UHMC, mcmc.RWM])
 def test_nonfinite_proposals_rejected(cls, bad, gen):
     cut = 0.3
     x0 = torch.randn(3 * N, 2, generator=gen, dtype=torch.float64)
@@ -194,7 +195,8 @@ def test_nonfinite_current_state_is_left(gen):
     assert torch.isfinite(info.logp).all()
 
 
-@pytest.mark.parametrize("cls,init", [(mcmc.MALA, 0.02), (mcmc.MALA, 20.0), (mcmc.HMC, 0.02), (mcmc.HMC, 20.0)])
+@pytest.mark.parametrize("cls,init", [(mcmc.MALA, 0.02), (mcmc.MALA, 20.0), (mcmc.HMC, 0.02), (mcmc.HMC, 20.0),
+                                      (mcmc.RWM, 0.02), (mcmc.RWM, 20.0)])
 def test_adaptation_converges_to_target(cls, init, gen):
     """log c <- log c + gain (acc - target): from a step 25x too small or 40x too large the acceptance reaches the
     target. On a 2D GMM the HMC acceptance is not monotone in the step size (leapfrog resonances), hence the wider

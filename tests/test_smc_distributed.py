@@ -29,7 +29,7 @@ import torch
 
 from fkdiff import compose, smc
 from fkdiff.diffusion import sigma_schedule
-from fkdiff.mcmc import HMC
+from fkdiff.mcmc import HMC, RWM
 from teachers.analytic import GaussianMixture, gmm_product
 from teachers.presets import ring8
 
@@ -361,9 +361,11 @@ def test_cli_under_torchrun(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::fkdiff.smc.SMCDegeneracyWarning")
-def test_one_rank_with_mcmc_equals_the_engine(tmp_path):
+@pytest.mark.parametrize("kernel", [HMC(num_steps=1, num_leapfrog=3), RWM(num_steps=2)], ids=["hmc", "rwm"])
+def test_one_rank_with_mcmc_equals_the_engine(tmp_path, kernel):
     """With one rank the distributed driver (population-wide step size, all_gather hooks, shared resampling
-    generator = the noise generator) is the single-process engine, MCMC adaptation included, bit for bit."""
+    generator = the noise generator) is the single-process engine, MCMC adaptation included, bit for bit, for any
+    fkdiff.mcmc kernel."""
     import torch.distributed as dist
 
     from fkdiff.smc import distributed
@@ -372,7 +374,7 @@ def test_one_rank_with_mcmc_equals_the_engine(tmp_path):
                             timeout=datetime.timedelta(seconds=30))
     try:
         fk = _exact_fk()
-        kw = dict(resample="systematic", ess_threshold=0.5, mcmc=HMC(num_steps=1, num_leapfrog=3))
+        kw = dict(resample="systematic", ess_threshold=0.5, mcmc=kernel)
         g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
         res = distributed.run_smc(fk, 64, generator=g1, resample_generator=g1, **kw)
         ref = smc.run_smc(_exact_fk(), 64, generator=g2, **kw)

@@ -9,6 +9,8 @@ sec. 3, eqs. 8-10 and 13).
 | tempered(t, beta)                | beta E                                      | beta s                              |
 | conditional(u, conds, w) (eq.13) | E_u + sum_i w_i (E_{c_i} - E_u)             | s_u + sum_i w_i (s_{c_i} - s_u)     |
 
+Product, negation, temperature and conditioning are one linear operator, `Linear(components, coefficients)`:
+energy sum_j c_j E_j, score sum_j c_j s_j, with c = (1, ..., 1), (1, -alpha), (beta), (1 - sum_i w_i, w_1, ..., w_c).
 Each component is anything with `energy(x, sigma) -> [B]` and optionally `score(x, sigma)` (else -grad energy by
 autograd); the result is again such a target (and a denoiser, D = x + sigma^2 score), so operators nest.
 The mixture's score is the exact gradient of its energy, computed from the component scores with softmax weights
@@ -35,7 +37,7 @@ from fkdiff.targets import has_energy
 from fkdiff.targets import energy_and_score as _energy_and_score
 from fkdiff.targets import score as _score
 
-__all__ = ["Composed", "Product", "Mixture", "Negation", "Tempered", "Conditional", "Conditioned",
+__all__ = ["Composed", "Linear", "Product", "Mixture", "Negation", "Tempered", "Conditional", "Conditioned",
            "product", "mixture", "negation", "tempered", "conditional", "conditioned", "OPERATORS", "parse"]
 
 
@@ -60,25 +62,10 @@ def _energy(t: Any, x: Tensor, sigma: Tensor) -> Tensor:
 
 
 class Composed:
-    """Base class: a target built from components; subclasses define `energy` and `score` (shapes [B] and x's)."""
+    """Base class: a target built from components; subclasses define `energy`, `score` and `energy_and_score`
+    (shapes [B], x's, and both)."""
 
     components: tuple
-
-    def energy(self, x: Tensor, sigma: float | Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def score(self, x: Tensor, sigma: float | Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def energy_and_score(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
-        """(energy `[B]`, score `[B, *event]`) evaluating each component once (what SMC and MCMC call)."""
-        s = as_sigma(sigma, x)
-        parts = [_energy_and_score(t, x, s) for t in self.components]
-        coef = self._coefficients()
-        return (sum(c * e for c, (e, _) in zip(coef, parts)), sum(c * g for c, (_, g) in zip(coef, parts)))
-
-    def _coefficients(self) -> tuple[float, ...]:  # pragma: no cover - overridden by linear operators
-        raise NotImplementedError
 
     def log_prob(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """-energy (unnormalised unless the components and the operator preserve normalisation)."""
@@ -91,22 +78,38 @@ class Composed:
         return denoiser_from_score(self.score(x, sigma), x, sigma)
 
 
-class Product(Composed):
-    """prod_j p_j: energy sum_j E_j, score sum_j s_j."""
+class Linear(Composed):
+    """sum_j c_j log p_j: energy sum_j c_j E_j, score sum_j c_j s_j. Product, negation, temperature and conditioning
+    are this one formula with their coefficients c (see the module docstring's table)."""
+
+    def __init__(self, components: Sequence[Any], coefficients: Sequence[float], op: str = "linear"):
+        self.components = tuple(_check_targets(components, op))
+        c = tuple(float(v) for v in coefficients)
+        if len(c) != len(self.components) or not all(math.isfinite(v) for v in c):
+            raise ValueError(f"{op}: needs {len(self.components)} finite coefficients, got {coefficients}")
+        self.coefficients = c
+
+    def energy(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        sig = as_sigma(sigma, x)
+        return sum(c * _energy(t, x, sig) for c, t in zip(self.coefficients, self.components))
+
+    def score(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        sig = as_sigma(sigma, x)
+        return sum(c * _score(t, x, sig) for c, t in zip(self.coefficients, self.components))
+
+    def energy_and_score(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+        """(energy `[B]`, score `[B, *event]`) evaluating each component once (what SMC and MCMC call)."""
+        sig = as_sigma(sigma, x)
+        parts = [_energy_and_score(t, x, sig) for t in self.components]
+        return (sum(c * e for c, (e, _) in zip(self.coefficients, parts)),
+                sum(c * g for c, (_, g) in zip(self.coefficients, parts)))
+
+
+class Product(Linear):
+    """prod_j p_j: coefficients 1 (energy sum_j E_j, score sum_j s_j)."""
 
     def __init__(self, *targets):
-        self.components = tuple(_check_targets(targets, "product"))
-
-    def energy(self, x, sigma):
-        s = as_sigma(sigma, x)
-        return sum(_energy(t, x, s) for t in self.components)
-
-    def score(self, x, sigma):
-        s = as_sigma(sigma, x)
-        return sum(_score(t, x, s) for t in self.components)
-
-    def _coefficients(self):
-        return (1.0,) * len(self.components)
+        super().__init__(targets, [1.0] * len(targets), "product")
 
 
 class Mixture(Composed):
@@ -123,23 +126,23 @@ class Mixture(Composed):
         self.weights = w / w.sum()
         self.log_weights = self.weights.log()
 
-    def _logits(self, x: Tensor, s: Tensor) -> Tensor:
-        e = torch.stack([_energy(t, x, s) for t in self.components], 1)  # [B, K]
+    def _logits(self, x: Tensor, sig: Tensor) -> Tensor:
+        e = torch.stack([_energy(t, x, sig) for t in self.components], 1)  # [B, K]
         return self.log_weights.to(device=e.device, dtype=e.dtype)[None] - e
 
     def energy(self, x, sigma):
-        s = as_sigma(sigma, x)
-        return -torch.logsumexp(self._logits(x, s), 1)
+        sig = as_sigma(sigma, x)
+        return -torch.logsumexp(self._logits(x, sig), 1)
 
     def score(self, x, sigma):
-        s = as_sigma(sigma, x)
+        sig = as_sigma(sigma, x)
         with torch.no_grad():
-            r = torch.softmax(self._logits(x, s), 1)  # [B, K] responsibilities
-        return self._weighted(r, x, lambda k: _score(self.components[k], x, s))
+            r = torch.softmax(self._logits(x, sig), 1)  # [B, K] responsibilities
+        return self._weighted(r, x, lambda k: _score(self.components[k], x, sig))
 
     def energy_and_score(self, x, sigma):
-        s = as_sigma(sigma, x)
-        parts = [_energy_and_score(t, x, s) for t in self.components]
+        sig = as_sigma(sigma, x)
+        parts = [_energy_and_score(t, x, sig) for t in self.components]
         e = torch.stack([p[0] for p in parts], 1)
         logits = self.log_weights.to(device=e.device, dtype=e.dtype)[None] - e
         return -torch.logsumexp(logits, 1), self._weighted(torch.softmax(logits, 1), x, lambda k: parts[k][1])
@@ -159,73 +162,39 @@ class Mixture(Composed):
         return out
 
 
-class Negation(Composed):
-    """p_base / p_other^alpha: energy E_b - alpha E_o, score s_b - alpha s_o (Du et al. eq. 10)."""
+class Negation(Linear):
+    """p_base / p_other^alpha: coefficients (1, -alpha) (Du et al. eq. 10)."""
 
     def __init__(self, base, other, alpha: float = 0.5):
-        self.components = tuple(_check_targets([base, other], "negation"))
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha}")
         self.alpha = float(alpha)
-
-    def energy(self, x, sigma):
-        s = as_sigma(sigma, x)
-        b, o = self.components
-        return _energy(b, x, s) - self.alpha * _energy(o, x, s)
-
-    def score(self, x, sigma):
-        s = as_sigma(sigma, x)
-        b, o = self.components
-        return _score(b, x, s) - self.alpha * _score(o, x, s)
-
-    def _coefficients(self):
-        return (1.0, -self.alpha)
+        super().__init__([base, other], [1.0, -self.alpha], "negation")
 
 
-class Tempered(Composed):
-    """p^beta: energy beta E, score beta s."""
+class Tempered(Linear):
+    """p^beta: coefficient beta."""
 
     def __init__(self, target, beta: float):
-        self.components = tuple(_check_targets([target], "tempered"))
         if not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be positive and finite, got {beta}")
         self.beta = float(beta)
-
-    def energy(self, x, sigma):
-        return self.beta * _energy(self.components[0], x, as_sigma(sigma, x))
-
-    def score(self, x, sigma):
-        return self.beta * _score(self.components[0], x, as_sigma(sigma, x))
-
-    def _coefficients(self):
-        return (self.beta,)
+        super().__init__([target], [self.beta], "tempered")
 
 
-class Conditional(Composed):
-    """Du et al. eq. 13: E(x) + sum_i w_i (E(x | y_i) - E(x)), conditional models given as targets."""
+class Conditional(Linear):
+    """Du et al. eq. 13: E(x) + sum_i w_i (E(x | y_i) - E(x)), i.e. coefficients (1 - sum_i w_i, w_1, ..., w_c) on
+    (unconditional, conditional models)."""
 
     def __init__(self, uncond, conds: Sequence[Any], weights=None):
         conds = _check_targets(conds, "conditional")
         self.uncond = _check_targets([uncond], "conditional")[0]
         self.conds = tuple(conds)
-        self.components = (self.uncond, *self.conds)
         w = [1.0] * len(conds) if weights is None else [float(v) for v in weights]
         if len(w) != len(conds) or not all(math.isfinite(v) for v in w):
             raise ValueError(f"conditional weights must be {len(conds)} finite numbers, got {weights}")
         self.weights = tuple(w)
-
-    def energy(self, x, sigma):
-        s = as_sigma(sigma, x)
-        eu = _energy(self.uncond, x, s)
-        return eu + sum(w * (_energy(c, x, s) - eu) for w, c in zip(self.weights, self.conds))
-
-    def score(self, x, sigma):
-        s = as_sigma(sigma, x)
-        su = _score(self.uncond, x, s)
-        return su + sum(w * (_score(c, x, s) - su) for w, c in zip(self.weights, self.conds))
-
-    def _coefficients(self):
-        return (1.0 - sum(self.weights), *self.weights)
+        super().__init__([self.uncond, *self.conds], [1.0 - sum(self.weights), *self.weights], "conditional")
 
 
 def product(*targets) -> Product:

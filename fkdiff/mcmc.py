@@ -64,6 +64,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import torch
 from torch import Tensor
 
+from fkdiff.diffusion import check_sigma, checked_sigma
 from fkdiff.targets import energy_and_score
 
 __all__ = [
@@ -484,11 +485,18 @@ def target_logdensity(target: Any, sigma: float | Tensor, *, max_batch: int | No
     """logdensity_fn of pi(x) ∝ exp(-E(x, sigma)) for any target (energy, optional score; fkdiff.targets).
 
     Returns `fn(x [N, *event]) -> (-E [N] float64, score [N, *event])`, chunked by `max_batch`, detached.
+    sigma (a float or a `[N]` tensor) is validated here, once, not at every evaluation.
     """
+    if not isinstance(sigma, Tensor):
+        check_sigma(torch.tensor(float(sigma), dtype=torch.float64))
+    else:
+        check_sigma(sigma)
 
     def fn(x: Tensor) -> tuple[Tensor, Tensor]:
-        e, s = energy_and_score(target, x, sigma, max_batch=max_batch)
-        return -e.double(), s
+        s = checked_sigma(sigma.to(x) if isinstance(sigma, Tensor) else torch.full((x.shape[0],), float(sigma),
+                                                                                    dtype=x.dtype, device=x.device))
+        e, score = energy_and_score(target, x, s, max_batch=max_batch)
+        return -e.double(), score
 
     return fn
 

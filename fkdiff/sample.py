@@ -61,33 +61,33 @@ from fkdiff.smc import potentials as P
 __all__ = ["run", "load_model", "use_students", "parse_expression", "build_mcmc", "Conditioned"]
 
 
-def _potential_specs(s: dict) -> dict:
+def _potential_specs(opt: dict) -> dict:
     """`sample.potentials` plus the shorthands `sample.bounds` (a box) and `sample.temperature` (a low-temperature
     tilt, twisted mode only)."""
-    specs = dict(s.get("potentials") or {})
-    if s.get("bounds"):
-        specs["bounds"] = {"kind": "box", **s["bounds"]}
-    if s.get("temperature") not in (None, 1, 1.0):
-        if s.get("mode", "sampler") != "twisted":
+    specs = dict(opt.get("potentials") or {})
+    if opt.get("bounds"):
+        specs["bounds"] = {"kind": "box", **opt["bounds"]}
+    if opt.get("temperature") not in (None, 1, 1.0):
+        if opt.get("mode", "sampler") != "twisted":
             raise ValueError("sample.temperature (low-temperature tilt) needs sample.mode=twisted; "
                              "in sampler mode use the expression tempered(model, beta) instead")
-        specs["temperature"] = {"kind": "low_temperature", "beta": float(s["temperature"])}
+        specs["temperature"] = {"kind": "low_temperature", "beta": float(opt["temperature"])}
     return specs
 
 
-def _num_levels(s: dict) -> int:
+def _num_levels(opt: dict) -> int:
     """sample.num_levels, or its deprecated former name sample.num_steps when that is given."""
-    if s.get("num_steps") is None:
-        return int(s["num_levels"])
+    if opt.get("num_steps") is None:
+        return int(opt["num_levels"])
     warnings.warn("sample.num_steps is deprecated for the number of SMC levels: use sample.num_levels "
                   "(sample.mcmc.num_steps counts MCMC steps per level)", DeprecationWarning, stacklevel=2)
-    return int(s["num_steps"])
+    return int(opt["num_steps"])
 
 
 def run(cfg: DictConfig) -> dict:
     """Sample as configured by `cfg.sample`; returns the diagnostics dict (also written to the run folder)."""
-    s = OmegaConf.to_container(cfg.sample, resolve=True)
-    device = torch.device(s.get("device") or "cpu")
+    opt = OmegaConf.to_container(cfg.sample, resolve=True)
+    device = torch.device(opt.get("device") or "cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     owns_group = False
     if world_size > 1:
@@ -97,23 +97,23 @@ def run(cfg: DictConfig) -> dict:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if not s.get("models"):
+    if not opt.get("models"):
         raise ValueError("sample.models is empty: name at least one model (see `python -m fkdiff.sample --help`)")
-    specs = use_students(s["models"], s.get("students")) if s.get("students") else s["models"]
+    specs = use_students(opt["models"], opt.get("students")) if opt.get("students") else opt["models"]
     models = {name: load_model(spec, device) for name, spec in specs.items()}
-    target = compose.parse(s["target"], models)
-    proposal = compose.parse(s["proposal"], models) if s.get("proposal") else None
-    shape = tuple(s.get("shape") or infer_shape(models))
-    num_levels = _num_levels(s)
+    target = compose.parse(opt["target"], models)
+    proposal = compose.parse(opt["proposal"], models) if opt.get("proposal") else None
+    shape = tuple(opt.get("shape") or infer_shape(models))
+    num_levels = _num_levels(opt)
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    population = smc.distributed.ShardedPopulation(island=bool(s["island"])) if world_size > 1 else None
+    population = smc.distributed.ShardedPopulation(island=bool(opt["island"])) if world_size > 1 else None
     result = smc.sample(
-        target, int(s["num_particles"]), shape=shape, num_levels=num_levels, sigma_max=float(s["sigma_max"]),
-        sigma_min=float(s["sigma_min"]), proposal=proposal, mode=s["mode"],
-        potentials=[P.build(spec) for spec in _potential_specs(s).values()], mcmc=mcmc.build(s.get("mcmc")),
-        resample=s["resample"], ess_threshold=float(s["ess_threshold"]), final_denoise=bool(s["final_denoise"]),
-        init_std=s.get("init_std"), generator=gen, device=device, max_batch=s.get("max_batch"),
-        progress=bool(s["progress"]), population=population)
+        target, int(opt["num_particles"]), shape=shape, num_levels=num_levels, sigma_max=float(opt["sigma_max"]),
+        sigma_min=float(opt["sigma_min"]), proposal=proposal, mode=opt["mode"],
+        potentials=[P.build(spec) for spec in _potential_specs(opt).values()], mcmc=mcmc.build(opt.get("mcmc")),
+        resample=opt["resample"], ess_threshold=float(opt["ess_threshold"]), final_denoise=bool(opt["final_denoise"]),
+        init_std=opt.get("init_std"), generator=gen, device=device, max_batch=opt.get("max_batch"),
+        progress=bool(opt["progress"]), population=population)
     island_log_z = getattr(result, "island_log_Z", None)
     if world_size > 1:
         result = result.full()  # all N samples (gathered on every rank); only rank 0 writes
@@ -123,29 +123,29 @@ def run(cfg: DictConfig) -> dict:
             return dict(result.summary(), world_size=world_size)
     equal = result.resample(gen)
     saved = {"samples": result.samples.cpu(), "log_weights": result.log_weights.cpu(), "resampled": equal.cpu()}
-    diag = dict(result.summary(), target=s["target"], num_particles=int(s["num_particles"]), num_levels=num_levels,
+    diag = dict(result.summary(), target=opt["target"], num_particles=int(opt["num_particles"]), num_levels=num_levels,
                 **{k: None if v is None else v.tolist() for k, v in result.levels.items()},
                 sigmas=None if result.sigmas is None else result.sigmas.tolist(), warnings=list(result.warnings),
                 world_size=world_size)
     if island_log_z is not None:
         diag["island_log_Z"] = island_log_z.tolist()
     baseline = None
-    if s["compare_reverse_diffusion"] and shape == (2,):  # the naive summed-score sampler on the same levels
+    if opt["compare_reverse_diffusion"] and shape == (2,):  # the naive summed-score sampler on the same levels
         baseline = samplers.reverse_diffusion(
-            target, int(s["num_particles"]), shape=shape, num_levels=num_levels, sigma_max=float(s["sigma_max"]),
-            sigma_min=float(s["sigma_min"]), device=device, max_batch=s.get("max_batch"),
+            target, int(opt["num_particles"]), shape=shape, num_levels=num_levels, sigma_max=float(opt["sigma_max"]),
+            sigma_min=float(opt["sigma_min"]), device=device, max_batch=opt.get("max_batch"),
             generator=torch.Generator(device=device).manual_seed(int(cfg.seed) + 1))
         saved["reverse_diffusion"] = baseline.samples.cpu()
     torch.save(saved, run_dir / "samples.pt")
     (run_dir / "diagnostics.json").write_text(json.dumps(_jsonable(diag), indent=2))
-    if s["plot"]["enabled"]:
-        fig = plotting.samples_figure(target, equal, sigma=float(s["sigma_min"]), lim=float(s["plot"]["lim"]),
+    if opt["plot"]["enabled"]:
+        fig = plotting.samples_figure(target, equal, sigma=float(opt["sigma_min"]), lim=float(opt["plot"]["lim"]),
                                       others=None if baseline is None else {"naive reverse diffusion": baseline.samples},
-                                      title=f"{s['target']}  ({result.report()})", max_batch=s.get("max_batch"))
+                                      title=f"{opt['target']}  ({result.report()})", max_batch=opt.get("max_batch"))
         if fig is not None:
             plotting.save(fig, run_dir / "samples.png")
         plotting.save(plotting.diagnostics_figure(result), run_dir / "diagnostics.png")
-    print(f"[fkdiff.sample] {s['target']}: {result.report()}, results in {run_dir}")
+    print(f"[fkdiff.sample] {opt['target']}: {result.report()}, results in {run_dir}")
     return diag
 
 

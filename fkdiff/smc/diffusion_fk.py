@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from fkdiff.diffusion import sigma_schedule
+from fkdiff.diffusion import checked_sigma, sigma_schedule
 from fkdiff.smc.fk import Particles
 from fkdiff.smc.potentials import Level, Potential, as_potential
 from fkdiff.targets import energy_and_score, has_energy
@@ -173,10 +173,15 @@ class DiffusionFK:
     def _sigma(self, t: int) -> float:
         return float(self.sigmas[t])
 
+    def _sigma_batch(self, t: int, x: Tensor) -> Tensor:
+        """sigma_t as the `[N]` tensor the models get, in x's dtype; the levels were validated once (noise_levels),
+        so it is marked as checked and no model validates it again (no host sync per evaluation on a GPU)."""
+        return checked_sigma(torch.full((x.shape[0],), self._sigma(t), dtype=x.dtype, device=x.device))
+
     def _delta_var(self, t: int) -> tuple[float, float]:
-        sp, s = self._sigma(t - 1), self._sigma(t)
-        delta = sp * sp - s * s
-        v = delta * (s * s) / (sp * sp) if self.proposal_variance == "ancestral" else delta
+        s_prev, s_t = self._sigma(t - 1), self._sigma(t)
+        delta = s_prev * s_prev - s_t * s_t
+        v = delta * (s_t * s_t) / (s_prev * s_prev) if self.proposal_variance == "ancestral" else delta
         return delta, v
 
     def _potentials(self, x: Tensor, level: Level, with_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -200,38 +205,39 @@ class DiffusionFK:
     def evaluate(self, t: int, x: Tensor, *, with_grad: bool = False, with_proposal: bool = True) -> dict:
         """Everything the model caches about positions x `[N, *event]` at level t (float64 scalars per particle).
 
-        Keys: energy, s (target score), logpot, log_gamma (NaN where invalid), bad (bool), x_out (last level only),
+        Keys: energy, score (the target's), logpot, log_gamma (NaN where invalid), bad (bool), x_out (last level only),
         u (proposal score, if t < T-1 and with_proposal), grad (grad log gamma, if with_grad).
         """
         sigma = self._sigma(t)
         final = t == self.T - 1
         xe = x.to(self.eval_dtype)
+        sig = self._sigma_batch(t, xe)
         if self.has_energy:
-            e, s = energy_and_score(self.target, xe, sigma, max_batch=self.max_batch)
+            e, score = energy_and_score(self.target, xe, sig, max_batch=self.max_batch)
         else:  # mode "none" on a score field: no energy (its log gamma is unknown and unused)
-            s = score_of(self.target, xe, sigma, max_batch=self.max_batch)
+            score = score_of(self.target, xe, sig, max_batch=self.max_batch)
             e = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        e, s = e.double(), s.to(x.dtype)
-        s_ok = _rowfinite(s)
-        s = torch.where(_bc(s_ok, s), s, torch.zeros_like(s))
+        e, score = e.double(), score.to(x.dtype)
+        s_ok = _rowfinite(score)
+        score = torch.where(_bc(s_ok, score), score, torch.zeros_like(score))
         x_out = None
         if final:
-            x_out = x + (sigma * sigma) * s if self.final_denoise else x
-        level = Level(index=t, num_levels=self.T, sigma=sigma, final=final, energy=e, score=s, x_out=x_out)
+            x_out = x + (sigma * sigma) * score if self.final_denoise else x
+        level = Level(index=t, num_levels=self.T, sigma=sigma, final=final, energy=e, score=score, x_out=x_out)
         logpot, pot_grad = self._potentials(x, level, with_grad)
         bad = torch.isnan(e) | (e == -math.inf) | torch.isnan(logpot) | (logpot == math.inf)
         alive = ~bad & (e < math.inf) & (logpot > -math.inf)
         bad = bad | (alive & ~s_ok)
-        out = {"energy": e, "s": s, "logpot": logpot, "x_out": x_out}
+        out = {"energy": e, "score": score, "logpot": logpot, "x_out": x_out}
         if final and x_out is not None:
             ok = _rowfinite(x_out)
             bad = bad | (alive & ~ok)
             out["x_out"] = torch.where(_bc(ok, x), x_out, x)
         if with_proposal and not final:
             if self.proposal is None:
-                u = s
+                u = score
             else:
-                u = score_of(self.proposal, xe, sigma, max_batch=self.max_batch).to(x.dtype)
+                u = score_of(self.proposal, xe, sig, max_batch=self.max_batch).to(x.dtype)
                 u_ok = _rowfinite(u)
                 bad = bad | (alive & ~u_ok)
                 u = torch.where(_bc(u_ok, u), u, torch.zeros_like(u))
@@ -240,12 +246,12 @@ class DiffusionFK:
         out["log_gamma"] = torch.where(bad, torch.full_like(log_gamma, math.nan), log_gamma)
         out["bad"] = bad
         if with_grad:
-            g = s + pot_grad
+            g = score + pot_grad
             out["grad"] = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         return out
 
     def _particles(self, x: Tensor, ev: dict, log_M: Tensor) -> Particles:
-        keys = ("energy", "s", "logpot", "log_gamma", "bad", "x_out", "u")
+        keys = ("energy", "score", "logpot", "log_gamma", "bad", "x_out", "u")
         return Particles(x, {**{k: ev.get(k) for k in keys}, "log_M": log_M})
 
     def _arrive(self, t: int, x: Tensor) -> dict:
@@ -253,7 +259,7 @@ class DiffusionFK:
         if self._evaluates(t):
             return self.evaluate(t, x)
         zero = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        return {"energy": None, "s": None, "logpot": zero, "log_gamma": zero, "x_out": x, "u": None,
+        return {"energy": None, "score": None, "logpot": zero, "log_gamma": zero, "x_out": x, "u": None,
                 "bad": torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)}
 
     # -- the FK symbols -------------------------------------------------------------------------------------
@@ -311,21 +317,21 @@ class _MCMCTarget:
     scores are taken from the evaluation that produced them (a Metropolis kernel returns, row by row, either the
     old position or one it evaluated): no extra target evaluation after the move."""
 
-    _FIELDS = ("energy", "s", "logpot", "log_gamma", "bad", "x_out")
+    _FIELDS = ("energy", "score", "logpot", "log_gamma", "bad", "x_out")
 
     def __init__(self, fk: DiffusionFK, t: int, particles: Particles):
         self.extra_evals = 0.0
-        if particles["s"] is None:  # a level the model did not evaluate (see DiffusionFK._evaluates): now
+        if particles["score"] is None:  # a level the model did not evaluate (see DiffusionFK._evaluates): now
             ev = fk.evaluate(t, particles.x, with_proposal=False)
             particles = particles.replace(**{k: ev[k] for k in self._FIELDS})
             self.extra_evals = 1.0
         self.fk, self.t, self.particles = fk, t, particles
         level = Level(index=t, num_levels=fk.T, sigma=fk._sigma(t), final=t == fk.T - 1,
-                      energy=particles["energy"], score=particles["s"], x_out=particles.get("x_out"))
+                      energy=particles["energy"], score=particles["score"], x_out=particles.get("x_out"))
         _, pot_grad = fk._potentials(particles.x, level, with_grad=True)
         lg = particles["log_gamma"]
         self.logp = torch.where(torch.isnan(lg), torch.full_like(lg, -math.inf), lg)
-        self.grad = torch.nan_to_num(particles["s"] + pot_grad, nan=0.0, posinf=0.0, neginf=0.0)
+        self.grad = torch.nan_to_num(particles["score"] + pot_grad, nan=0.0, posinf=0.0, neginf=0.0)
         self._memo: list[tuple[Tensor, dict]] = [(particles.x, {k: particles.get(k) for k in self._FIELDS})]
 
     def logdensity_fn(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -366,10 +372,11 @@ class _MCMCTarget:
         u = None
         if self.t < self.fk.T - 1:
             if self.fk.proposal is None:
-                u = fields["s"]
+                u = fields["score"]
             else:
                 xe = x_new.to(self.fk.eval_dtype)
-                u = score_of(self.fk.proposal, xe, self.fk._sigma(self.t), max_batch=self.fk.max_batch).to(x_new.dtype)
+                u = score_of(self.fk.proposal, xe, self.fk._sigma_batch(self.t, xe),
+                             max_batch=self.fk.max_batch).to(x_new.dtype)
                 ok = _rowfinite(u)
                 alive = ~fields["bad"]
                 fields["bad"] = fields["bad"] | (alive & ~ok)

@@ -1,7 +1,8 @@
-"""Potentials w_{j,k}(x) multiplying the SMC targets (DESIGN.md section 5):
+"""Potentials w_{j,t}(x) multiplying the SMC targets (DESIGN.md section 5), at levels t = 0 (sigma_max), ..., T - 1
+(sigma_min), the engine's order:
 
-    gamma_k(x) = exp(-E(x, sigma_k)) * prod_j w_{j,k}(x)        ("sampler" mode)
-    log G_k = sum_j log w_{j,k}(x_k) - log w_{j,k+1}(x_{k+1})   ("twisted" mode, telescoping)
+    gamma_t(x) = exp(-E(x, sigma_t)) * prod_j w_{j,t}(x)        ("sampler" mode)
+    log G_t = sum_j log w_{j,t}(x_t) - log w_{j,t-1}(x_{t-1})   ("twisted" mode, telescoping)
 
 In both modes only the last level's potential changes the final law; earlier ones only guide the particles.
 
@@ -9,16 +10,16 @@ In both modes only the last level's potential changes the final law; earlier one
   *returned* (the denoised point D(x, sigma_min) when `final_denoise=True`, else x). Evaluating the indicator on the
   returned point, i.e. after the final denoise, guarantees zero violations and makes the returned law exactly "what
   the sampler returns without the box, conditioned on the box". Before the last level it is the box smoothed at
-  sigma_k, w_k(x) = prod_i [Phi((h_i - x_i)/sigma_k) - Phi((l_i - x_i)/sigma_k)] = P(x + sigma_k eps in box),
+  sigma_t, w_t(x) = prod_i [Phi((h_i - x_i)/sigma_t) - Phi((l_i - x_i)/sigma_t)] = P(x + sigma_t eps in box),
   computed as a difference of normal CDFs in log space in float64 (stable in both tails, Box teacher convention).
 - `Polytope(A, b)`: the linear inequalities A x <= b (rows a_i over the flattened event; one row is a half-space),
-  hard at the last level on x_out like `Box`; before it, w_k(x) = prod_i Phi((b_i - a_i . x) / (sigma_k |a_i|)), the
-  probability that x + sigma_k eps satisfies each inequality (exact for one half-space; for several rows the product
+  hard at the last level on x_out like `Box`; before it, w_t(x) = prod_i Phi((b_i - a_i . x) / (sigma_t |a_i|)), the
+  probability that x + sigma_t eps satisfies each inequality (exact for one half-space; for several rows the product
   over them, which only guides the particles: the final law is set by the last level's hard indicator alone).
-- `LowTemperature(beta)`: w_k = exp(-(beta - 1) lambda_k E(x, sigma_k)), lambda_k ramping linearly from 0 at the
-  first level (sigma_max) to 1 at the last (sigma_min). In "twisted" mode the terminal law is the proposal's
+- `LowTemperature(beta)`: w_t = exp(-(beta - 1) lambda_t E(x, sigma_t)), lambda_t = t / (T - 1) ramping linearly
+  from 0 at the first level (sigma_max) to 1 at the last (sigma_min). In "twisted" mode the terminal law is the proposal's
   terminal law times p^(beta-1), i.e. approximately p^beta (Thornton et al. 2025, fig. 3; FK steering).
-- `LogPotential(fn, final_fn=None)`: the generic hook, log w_k(x) = fn(x, sigma_k) `[N]`; at the last level
+- `LogPotential(fn, final_fn=None)`: the generic hook, log w_t(x) = fn(x, sigma_t) `[N]`; at the last level
   `final_fn` (default `fn`) evaluated on the returned point x_out. Plain callables in `potentials=` are wrapped in it.
 
 `build({kind: <a POTENTIALS name>, **arguments})` makes one from a config spec (the command line's
@@ -89,7 +90,7 @@ class Potential:
 
 class Box(Potential):
     """Box constraint low <= x <= high (bounds broadcast against the event shape): hard at the last level, the box
-    smoothed at sigma_k before (see the module docstring). `soft_scale` multiplies sigma_k in the smoothing."""
+    smoothed at sigma_t before (see the module docstring). `soft_scale` multiplies sigma_t in the smoothing."""
 
     def __init__(self, low, high, *, soft_scale: float = 1.0):
         self.low = torch.as_tensor(low, dtype=torch.float64)
@@ -131,7 +132,7 @@ class Box(Potential):
 
 class Polytope(Potential):
     """Linear inequalities A x <= b over the flattened event (A `[m, D]` or `[D]` for one half-space, b `[m]`): hard at
-    the last level, smoothed at sigma_k before (see the module docstring). `soft_scale` multiplies sigma_k."""
+    the last level, smoothed at sigma_t before (see the module docstring). `soft_scale` multiplies sigma_t."""
 
     def __init__(self, A, b, *, soft_scale: float = 1.0):
         A = torch.as_tensor(A, dtype=torch.float64)
@@ -178,7 +179,7 @@ class Polytope(Potential):
 
 
 class LowTemperature(Potential):
-    """w_k = exp(-(beta - 1) lambda_k E(x, sigma_k)), lambda_k = `lambda_fn(level)` (default: linear 0 -> 1).
+    """w_t = exp(-(beta - 1) lambda_t E(x, sigma_t)), lambda_t = `lambda_fn(level)` (default: linear 0 -> 1).
 
     Uses the target energy/score the FK model already computed at x (no extra evaluation)."""
 
@@ -205,7 +206,7 @@ class LowTemperature(Potential):
 
 
 class LogPotential(Potential):
-    """Generic hook: log w_k(x) = fn(x, sigma) `[N]` (sigma a `[N]` tensor); at the last level `final_fn` (default
+    """Generic hook: log w_t(x) = fn(x, sigma_t) `[N]` (sigma a `[N]` tensor); at the last level `final_fn` (default
     fn) on the returned point x_out. Return -inf for forbidden points; NaN/+inf are treated as invalid by SMC."""
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], final_fn: Callable[[Tensor, Tensor], Tensor] | None = None):

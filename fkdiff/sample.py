@@ -7,7 +7,8 @@ The `sample:` section of a recipe names the models and a composition expression,
         ring:  {kind: analytic, preset: ring8}                 # exact analytic teacher
         strip: {kind: energy, path: runs/distill/.../strip.pt}  # a distilled student (fkdiff.load_energy)
       target: product(ring, strip)
-      mcmc: {kind: hmc, num_steps: 1, num_leapfrog: 3}
+      num_levels: 100
+      mcmc: {num_steps: 1, num_leapfrog: 3}                   # the kernel itself: sample/mcmc=hmc (a config group)
 
 This module only wires library parts together:
 - models from their specs: `fkdiff.models.load_model` (kinds `analytic`, `energy`, `teacher`; `cond:` binds a
@@ -18,13 +19,15 @@ This module only wires library parts together:
   product, mixture, negation, tempered, conditional; nothing else evaluates);
 - potentials: `fkdiff.smc.potentials.build` for each entry of `sample.potentials` (`sample.bounds` and
   `sample.temperature` are shorthands for a `box` and a `low_temperature` entry);
-- the rejuvenation kernel: `fkdiff.mcmc.build` of the config group `sample/mcmc` (hmc | mala | ula | uhmc | none);
+- the rejuvenation kernel: `fkdiff.mcmc.build` of the config group `sample/mcmc` (hmc | mala | rwm | ula | uhmc |
+  none; fkdiff/conf/sample/mcmc/*.yaml);
 - the figures: `fkdiff.plotting`.
 
 Writes to the run folder: `config.yaml`, `samples.pt` (samples, log-weights, equally weighted resample),
-`diagnostics.json` (log Z with its standard error, min ESS, unique ancestors, acceptance per level, ...),
+`diagnostics.json` (log Z with its standard error, and every per-level diagnostic of `fkdiff.smc.COLLECTORS`),
 `samples.png` (2D: weighted particles over the target density exp(-E(x, sigma_min)), beside naive reverse
-diffusion; images: a grid) and `diagnostics.png` (ESS, unique ancestors and acceptance per level).
+diffusion; images: a grid) and `diagnostics.png` (ESS, unique ancestors and acceptance per level). The naive
+sampler's points are saved too (`samples.pt["reverse_diffusion"]`, 2D with `sample.compare_reverse_diffusion`).
 
 Many processes (GPUs, nodes): launched with WORLD_SIZE > 1 in the environment (torchrun sets it), the CLI initialises
 the process group (nccl with cuda:LOCAL_RANK when `sample.device` is cuda, gloo on CPU), shards the N particles over

@@ -425,6 +425,26 @@ def test_num_steps_is_the_deprecated_name_of_num_levels():
         smc.sample(_ring4(), 64, num_levels=12, num_steps=12, **kw)
 
 
+def test_a_new_per_level_diagnostic_is_one_collector(tmp_path, monkeypatch):
+    """A per-level diagnostic is one `Collector`: registered once, it is recorded at every level of every run (also
+    as an attribute of the result) and written by the command line. Here: the largest normalised weight per level,
+    for which 1 / max W <= ESS <= N holds exactly."""
+    from fkdiff.recipes import compose as compose_config
+    from fkdiff.sample import run
+    from fkdiff.smc import core
+
+    extra = smc.Collector("max_weight", lambda i: float(i.weights.W.max()))
+    monkeypatch.setattr(core, "COLLECTORS", core.COLLECTORS + (extra,))
+    res = smc.sample(compose.product(_ring4(), _gmm_b()), 200, shape=(2,), num_levels=12, sigma_max=20.0,
+                     sigma_min=SMIN, generator=torch.Generator().manual_seed(0))
+    assert res.max_weight is res.levels["max_weight"] and res.max_weight.shape == (12,)
+    assert (res.ess >= 1 / res.max_weight - 1e-9).all() and (res.max_weight <= 1).all()
+    diag = run(compose_config(["recipe=toy2d", f"run_dir={tmp_path}", "sample.num_particles=64", "sample.num_levels=6",
+                               "sample.progress=false", "sample.compare_reverse_diffusion=false",
+                               "sample.plot.enabled=false"]))
+    assert len(diag["max_weight"]) == 6
+
+
 def test_collapse_warns(gen):
     with pytest.warns(smc.SMCDegeneracyWarning):
         res = smc.sample(compose.product(_ring4(), _gmm_b()), 500, shape=(2,), num_levels=3, sigma_max=20.0,

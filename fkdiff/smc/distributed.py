@@ -64,7 +64,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fkdiff.smc.core import COLLECTORS, Population, SMCResult
+from fkdiff.smc import core
+from fkdiff.smc.core import Population, SMCResult
 from fkdiff.smc.core import run_smc as _run_smc
 from fkdiff.smc.fk import FeynmanKac, Particles
 
@@ -337,7 +338,8 @@ def run_smc(
 
 def _combine_islands(res: SMCResult, pop: ShardedPopulation, n_total: int) -> DistributedSMCResult:
     """One island's result -> the combined result (log Z, weights and every collector's per-level values)."""
-    names = [c.name for c in COLLECTORS if res.levels[c.name] is not None]
+    collectors = [c for c in core.COLLECTORS if res.levels.get(c.name) is not None]
+    names = [c.name for c in collectors]
     stacked = torch.stack([res.levels[k].to(torch.float64).cpu() for k in names], 1)  # [T, C]
     levels = pop.gather(stacked[None]).cpu()  # [R, T, C]: one collective for every per-level diagnostic
     weighted = res.log_Z is not None
@@ -348,8 +350,8 @@ def _combine_islands(res: SMCResult, pop: ShardedPopulation, n_total: int) -> Di
     r = log_z_r.numel()
     # log of the island weights Z_r / sum_s Z_s (equal islands when there is no Z)
     a = log_z_r - torch.logsumexp(log_z_r, 0) if weighted else torch.full((r,), -math.log(r), dtype=torch.float64)
-    combined = {c.name: None for c in COLLECTORS}
-    for j, c in enumerate(c for c in COLLECTORS if c.name in names):
+    combined = dict.fromkeys(res.levels)
+    for j, c in enumerate(collectors):
         combined[c.name] = c.islands(levels[:, :, j]).to(c.dtype)
     # Var(Z_hat) / Z_hat^2 with Z_hat = mean_r Z_r and independent islands: sum_r (Z_r / sum Z)^2 Var(Z_r) / Z_r^2
     out = dataclasses.replace(

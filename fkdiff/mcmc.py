@@ -246,6 +246,20 @@ class Kernel:
         u = torch.rand(log_ratio.shape[0], generator=generator, dtype=torch.float64, device=x.device)
         return prob, ok & (u < prob)
 
+    def _metropolis(self, state: ChainState, proposal: ChainState, log_ratio: Tensor, generator,
+                    ok: Tensor | None = None) -> tuple[ChainState, Tensor, Tensor, int, int]:
+        """One per-particle Metropolis–Hastings decision between `state` and `proposal` (log acceptance ratio
+        `log_ratio` `[N]`; always taken by unadjusted kernels; never for a non-finite proposal or where `ok` is False).
+        Returns (new state, acceptance probability `[N]`, accepted `[N]`, number non-finite, number divergent)."""
+        x, logp, grad = state
+        xn, lpn, gn = proposal
+        finite = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(gn) & (True if ok is None else ok)
+        prob, accept = self._accept(log_ratio, finite, generator, x)
+        n_div = int((finite & (-log_ratio > self.divergence_threshold)).sum())
+        m = _bcast(accept, x)
+        new = ChainState(torch.where(m, xn, x), torch.where(accept, lpn, logp), torch.where(m, gn, grad))
+        return new, prob, accept, int((~finite).sum()), n_div
+
     def _info(self, mh_sum: Tensor, num_evals: int, n_div: int, n_bad: int) -> MoveInfo:
         k = self.num_steps
         acc = mh_sum / k if self.adjusted else torch.ones_like(mh_sum)
@@ -355,10 +369,9 @@ class HMC(Kernel):
             raise ValueError(f"damping must be in [0, 1), got {self.damping}")
 
     def step(self, state, logdensity_fn, step_size, generator):
-        x, logp, grad = state
         eps = step_size
-        n = x.shape[0]
-        mh_sum = torch.zeros(n, dtype=torch.float64, device=x.device)
+        x = state.x
+        mh_sum = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         n_div = n_bad = 0
         gamma = self.damping
         v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if gamma > 0 else None
@@ -366,24 +379,18 @@ class HMC(Kernel):
             lam = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             v = lam if v is None or gamma == 0 else gamma * v + math.sqrt(1.0 - gamma**2) * lam
             # leapfrog (L steps, L evaluations: the gradient at x is cached)
-            xn, g = x, grad
+            xn, g = state.x, state.grad
             vn = v + 0.5 * eps * g
             for ell in range(self.num_leapfrog):
                 xn = xn + eps * vn
                 lpn, g = _evaluate(logdensity_fn, xn)
                 vn = vn + (eps if ell < self.num_leapfrog - 1 else 0.5 * eps) * g
-            ok = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(g) & _rowfinite(vn)
-            d_h = (-lpn + 0.5 * _rowsum(vn**2)) - (-logp + 0.5 * _rowsum(v**2))  # H' - H
-            prob, accept = self._accept(-d_h, ok, generator, x)
-            n_bad += int((~ok).sum())
-            n_div += int((ok & (d_h > self.divergence_threshold)).sum())
-            mh_sum += prob
-            m = _bcast(accept, x)
-            x = torch.where(m, xn, x)
-            grad = torch.where(m, g, grad)
-            logp = torch.where(accept, lpn, logp)
-            v = torch.where(m, vn, -v)  # alg. 3: momentum kept on accept, flipped on reject
-        return ChainState(x, logp, grad), self._info(mh_sum, self.num_steps * self.num_leapfrog, n_div, n_bad)
+            d_h = (-lpn + 0.5 * _rowsum(vn**2)) - (-state.logp + 0.5 * _rowsum(v**2))  # H' - H
+            state, prob, accept, bad, div = self._metropolis(state, ChainState(xn, lpn, g), -d_h, generator,
+                                                             ok=_rowfinite(vn))
+            n_bad, n_div, mh_sum = n_bad + bad, n_div + div, mh_sum + prob
+            v = torch.where(_bcast(accept, v), vn, -v)  # alg. 3: momentum kept on accept, flipped on reject
+        return state, self._info(mh_sum, self.num_steps * self.num_leapfrog, n_div, n_bad)
 
 
 @dataclass(frozen=True)
@@ -400,29 +407,21 @@ class MALA(Kernel):
     target_accept: float = 0.57
 
     def step(self, state, logdensity_fn, step_size, generator):
-        x, logp, grad = state
         eps = step_size
-        n = x.shape[0]
-        mh_sum = torch.zeros(n, dtype=torch.float64, device=x.device)
+        mh_sum = torch.zeros(state.x.shape[0], dtype=torch.float64, device=state.x.device)
         n_div = n_bad = 0
         h = 0.5 * eps**2
         for _ in range(self.num_steps):
+            x, logp, grad = state
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             xn = x + h * grad + eps * z
             lpn, gn = _evaluate(logdensity_fn, xn)
-            ok = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(gn)
             log_fwd = -0.5 * _rowsum(z**2)  # log q(x' | x) + const
             log_bwd = -0.5 * _rowsum((x - xn - h * gn) ** 2) / eps**2  # log q(x | x') + const
-            log_ratio = lpn - logp + log_bwd - log_fwd
-            prob, accept = self._accept(log_ratio, ok, generator, x)
-            n_bad += int((~ok).sum())
-            n_div += int((ok & (-log_ratio > self.divergence_threshold)).sum())
-            mh_sum += prob
-            m = _bcast(accept, x)
-            x = torch.where(m, xn, x)
-            grad = torch.where(m, gn, grad)
-            logp = torch.where(accept, lpn, logp)
-        return ChainState(x, logp, grad), self._info(mh_sum, self.num_steps, n_div, n_bad)
+            state, prob, _, bad, div = self._metropolis(state, ChainState(xn, lpn, gn), lpn - logp + log_bwd - log_fwd,
+                                                        generator)
+            n_bad, n_div, mh_sum = n_bad + bad, n_div + div, mh_sum + prob
+        return state, self._info(mh_sum, self.num_steps, n_div, n_bad)
 
 
 @dataclass(frozen=True)
@@ -439,20 +438,16 @@ class RWM(Kernel):
     target_accept: float = 0.3
 
     def step(self, state, logdensity_fn, step_size, generator):
-        x, logp, grad = state
-        mh_sum = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        mh_sum = torch.zeros(state.x.shape[0], dtype=torch.float64, device=state.x.device)
         n_div = n_bad = 0
         for _ in range(self.num_steps):
+            x = state.x
             xn = x + step_size * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             lpn, gn = _evaluate(logdensity_fn, xn)
-            ok = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(gn)
-            prob, accept = self._accept(lpn - logp, ok, generator, x)  # symmetric proposal: the density ratio only
-            n_bad += int((~ok).sum())
-            n_div += int((ok & (logp - lpn > self.divergence_threshold)).sum())
-            mh_sum += prob
-            m = _bcast(accept, x)
-            x, grad, logp = torch.where(m, xn, x), torch.where(m, gn, grad), torch.where(accept, lpn, logp)
-        return ChainState(x, logp, grad), self._info(mh_sum, self.num_steps, n_div, n_bad)
+            # symmetric proposal: the ratio of densities only
+            state, prob, _, bad, div = self._metropolis(state, ChainState(xn, lpn, gn), lpn - state.logp, generator)
+            n_bad, n_div, mh_sum = n_bad + bad, n_div + div, mh_sum + prob
+        return state, self._info(mh_sum, self.num_steps, n_div, n_bad)
 
 
 def run(

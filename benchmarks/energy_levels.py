@@ -11,8 +11,8 @@ Results accumulate in <out>/results.json (a finished (variant, seed) is not reru
 <out>/summary.md (a table: median [min, max] over seeds) and <out>/summary.png.
 `--timing` measures the training-step time of each variant against the baseline (same process, interleaved).
 
-    python benchmarks/energy_levels.py --variants baseline levels --seeds 0 1 2 --summary
-    python benchmarks/energy_levels.py --timing --variants levels
+    python benchmarks/energy_levels.py --variants baseline default --seeds 0 1 2 --summary
+    python benchmarks/energy_levels.py --timing --variants default
 """
 
 from __future__ import annotations
@@ -31,38 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["logger.kind=none", "trainer.enable_progress_bar=false", "distill.plot.enabled=false",
           "+trainer.enable_model_summary=false", "distill.diagnostics_every_n_steps=0"]
 
-# name -> overrides of the toy2d recipe (the default recipe); "baseline" is today's recipe unchanged
+# name -> overrides of the toy2d recipe (the default recipe). Since issue 9 the recipe trains with the level term
+# (distill.levels.weight=0.1, a quarter of the batch in pairs) and a smooth noise embedding (noise_scale 16);
+# "baseline" is the recipe before it: the projection loss alone with EDM's embedding (noise_scale 250).
 VARIANTS: dict[str, list[str]] = {
-    "baseline": ["distill.levels.weight=0"],
-    "levels_w1": ["distill.levels.weight=1.0"],
-    "levels_w0.1": ["distill.levels.weight=0.1"],
-    "levels_w0.01": ["distill.levels.weight=0.01"],
-    "emb16": ["+student.backbone.noise_scale=16"],
-    "emb2": ["+student.backbone.noise_scale=2"],
-    "emb16_levels_w1": ["+student.backbone.noise_scale=16", "distill.levels.weight=1.0"],
-    "levels_w1_hi0.2": ["distill.levels.weight=1.0", "distill.levels.sigma_hi=0.2"],
-    "levels_w0.03": ["distill.levels.weight=0.03"],
+    "baseline": ["distill.levels.weight=0", "student.backbone.noise_scale=250"],
+    "default": [],
+    "levels_only": ["student.backbone.noise_scale=250"],   # the level term with EDM's embedding
+    "emb16_only": ["distill.levels.weight=0"],              # the smooth embedding without the level term
     "levels_w0.3": ["distill.levels.weight=0.3"],
-    "levels_w0.1_p32": ["distill.levels.weight=0.1", "distill.levels.num_pairs=32"],
-    "levels_w0.1_hi0.2": ["distill.levels.weight=0.1", "distill.levels.sigma_hi=0.2"],
-    "emb16_levels_w0.1": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1"],
-    "emb16_levels_w0.03": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.03"],
-    "emb16_levels_w0.3": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.3"],
-    "emb16_levels_w0.1_p64": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.num_pairs=64"],
-    "emb4_levels_w0.1": ["+student.backbone.noise_scale=4", "distill.levels.weight=0.1"],
-    "emb16_shared_w0.1_p64": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.num_pairs=64",
-                              "+distill.levels.shared=true"],
-    "emb16_shared_w0.1_p32": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.num_pairs=32",
-                              "+distill.levels.shared=true"],
-    "emb16_shared_w0.3_p64": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.3", "distill.levels.num_pairs=64",
-                              "+distill.levels.shared=true"],
-    "emb16_shared_w0.03_p64": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.03", "distill.levels.num_pairs=64",
-                               "+distill.levels.shared=true"],
-    "emb16_shared_w0.1_p64_hi0.2": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.num_pairs=64",
-                                    "+distill.levels.shared=true", "distill.levels.sigma_hi=0.2"],
-    "emb4_shared_w0.1_p64": ["+student.backbone.noise_scale=4", "distill.levels.weight=0.1", "distill.levels.num_pairs=64",
-                             "+distill.levels.shared=true"],
-    "emb16_levels_w0.1_hi0.2": ["+student.backbone.noise_scale=16", "distill.levels.weight=0.1", "distill.levels.sigma_hi=0.2"],
+    "levels_w0.03": ["distill.levels.weight=0.03"],
 }
 
 
@@ -114,32 +92,23 @@ def save_result(out: Path, res: dict) -> None:
 def step_time(names: list[str], steps: int = 60, repeats: int = 3) -> dict:
     """Median training-step time (forward, loss, backward, Adam step) of each variant's loss on the ring8 student,
     interleaved with the baseline in one process (the ratio is what holds on a shared machine)."""
-    from fkdiff.distill import _build_student, _jobs, _level_loss, _levels
-    from fkdiff.distillation import DenoiserMatchingLoss, step_seed
+    from fkdiff.distill import _build_student, _jobs, build_loss
     from fkdiff.recipes import compose
 
     torch.set_num_threads(1)
-    times: dict[str, list[float]] = {n: [] for n in ["baseline", *names]}
+    times: dict[str, list[float]] = {n: [] for n in dict.fromkeys(["baseline", *names])}
     setups = {}
     for n in times:
-        cfg = compose(["recipe=toy2d", *COMMON, "distill.presets=[ring8]", *parse_variant(n)])
+        cfg = compose(["recipe=toy2d", *COMMON, "teacher.preset=[ring8]", *parse_variant(n)])
         ((_, teacher, dm),) = _jobs(cfg)
+        dm.setup("fit")
         torch.manual_seed(0)
         student, _ = _build_student(cfg, teacher, dm)
-        shared = _levels(cfg.distill.get("levels"))
-        if shared:
-            from fkdiff.levels import LevelMatchingLoss
-
-            loss_fn = LevelMatchingLoss(student.sigma_data, "teacher", float(cfg.distill.p_mean),
-                                        float(cfg.distill.p_std), **shared)
-        else:
-            loss_fn = DenoiserMatchingLoss(student.sigma_data, "teacher", float(cfg.distill.p_mean),
-                                           float(cfg.distill.p_std))
-        setups[n] = (student, teacher, loss_fn, _level_loss(cfg.distill.get("levels")),
-                     torch.optim.Adam(student.parameters(), lr=1e-3), dm.sigma_data)
+        setups[n] = (student, teacher, build_loss(cfg.distill, student.sigma_data),
+                     torch.optim.Adam(student.parameters(), lr=1e-3))
     x_all = setups["baseline"][1].sample(256 * steps, generator=torch.Generator().manual_seed(0)).float()
     for _ in range(repeats):
-        for n, (student, teacher, loss_fn, level, opt, _) in setups.items():
+        for n, (student, teacher, loss_fn, opt) in setups.items():
             student.train()
             t = []
             for k in range(steps):
@@ -149,8 +118,6 @@ def step_time(names: list[str], steps: int = 60, repeats: int = 3) -> dict:
                 loss = out.loss.mean()
                 if getattr(out, "level_loss", None) is not None:
                     loss = loss + out.level_loss.mean()
-                if level is not None:
-                    loss = loss + level(student, teacher, x0, None, torch.Generator().manual_seed(step_seed(0, k))).loss.mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -1,16 +1,19 @@
-"""Energy levels across sigma (fkdiff.levels, issue 9): the teacher's time score is the heat equation, the level term
-vanishes exactly on the true energy up to a per-sigma constant, the diagnostics see level offsets the denoiser error
-misses (2D and image-shaped teachers, with and without a teacher energy), the product check is exact on exact models."""
+"""Energy levels across sigma (fkdiff.levels, fkdiff.distillation.level_loss / level_diagnostics, issue 9): the
+teacher's time score is the heat equation, the level term vanishes exactly on the true energy up to a per-sigma constant
+and moves a drifting level offset toward the truth, the diagnostics see level offsets the denoiser error misses (2D and
+image-shaped teachers, with and without a teacher energy), the product check is exact on exact models."""
 
 import math
 
 import pytest
 import torch
 
+from fkdiff.distillation import (DenoiserMatchingLoss, LevelMatchingLoss, integrated_level_error_by_bucket, level_report,
+                                  mode_offset_error_by_bucket, residual_by_bucket, teacher_regions,
+                                  time_score_error_by_bucket)
 from fkdiff.energy import build_student
-from fkdiff.levels import (LevelLoss, energy_grad_and_time_score, exact_log_overlap, integrated_level_error_by_bucket,
-                           level_report, mode_offset_error_by_bucket, product_check_2d, residual_by_bucket, teacher_regions,
-                           teacher_relative_energy, teacher_time_score, time_score, time_score_error_by_bucket)
+from fkdiff.levels import (energy_grad_and_time_score, exact_log_overlap, product_check_2d, teacher_relative_energy,
+                           teacher_time_score, time_score)
 from teachers import GaussianMixture, gmm_product, ring8, strip
 
 
@@ -55,46 +58,86 @@ def test_student_time_score_is_its_sigma_derivative(gen):
     torch.testing.assert_close(time_score(st, x, sigma, create_graph=False), ts)
 
 
-class _Shifted:
-    """An analytic teacher's energy plus a per-sigma constant and an optional x-dependent drift in ln sigma."""
+class _Shifted(torch.nn.Module):
+    """An analytic teacher's energy plus a per-sigma constant and an x-dependent drift of the levels in ln sigma:
+    E + 5 ln sigma + 3 sigma + a ln(sigma) x_0 (a = `drift`, a learnable parameter)."""
 
     def __init__(self, teacher, drift: float = 0.0):
-        self.t, self.drift = teacher, drift
+        super().__init__()
+        self.t = teacher
+        self.drift = torch.nn.Parameter(torch.tensor(float(drift), dtype=torch.float64))
 
     def energy(self, x, sigma, cond=None):
         s = sigma if torch.is_tensor(sigma) else torch.full((x.shape[0],), float(sigma), dtype=x.dtype)
         return self.t.energy(x, s) + 5.0 * s.log() + 3.0 * s + self.drift * s.log() * x[:, 0]
 
 
-def test_level_loss_vanishes_on_the_true_energy_up_to_a_per_sigma_constant(gen):
+def test_level_term_vanishes_on_the_true_energy_up_to_a_per_sigma_constant(gen):
     teacher = ring8()
     x0 = teacher.sample(256, gen)
-    loss = LevelLoss(weight=1.0)
+    loss = LevelMatchingLoss(teacher.sigma_data, weight=1.0, num_pairs=64)
     out = loss(_Shifted(teacher), teacher, x0, None, torch.Generator().manual_seed(0))
-    assert out.loss.shape == (128,) and out.loss.max() < 1e-10
+    assert out.level_loss.shape == (64,) and out.level_loss.max() < 1e-10
+    assert out.loss.shape == (256,) and out.loss.max() < 1e-12  # the exact energy's denoiser is the teacher's
     # an x-dependent drift of the levels, E + a ln(sigma) x_0: q = a x_0, so the pair loss is a^2 (x_a0 - x_b0)^2 / 2
     out = loss(_Shifted(teacher, drift=0.7), teacher, x0, None, torch.Generator().manual_seed(0))
-    xa, xb, sig, ea, eb = loss.draw(x0, torch.Generator().manual_seed(0))
-    expect = 0.5 * 0.49 * ((xa + sig[:, None] * ea)[:, 0] - (xb + sig[:, None] * eb)[:, 0]) ** 2
-    torch.testing.assert_close(out.loss, expect, atol=1e-8, rtol=1e-6)
-    # warm-up ramps w linearly
-    ramped = LevelLoss(weight=1.0, warmup_steps=10)(_Shifted(teacher, 0.7), teacher, x0, None,
-                                                    torch.Generator().manual_seed(0), step=4)
-    torch.testing.assert_close(ramped.loss, 0.5 * expect, atol=1e-8, rtol=1e-6)
+    sigma, eps = loss.draw_pairs(x0, torch.Generator().manual_seed(0))
+    x = x0 + sigma[:, None] * eps
+    expect = 0.5 * 0.49 * (x[:64, 0] - x[128:192, 0]) ** 2
+    torch.testing.assert_close(out.level_loss, expect, atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(out.x_noisy, x)
+    # pairs share their sigma, log-uniform in [sigma_lo, sigma_hi]; the other rows keep the training law
+    assert torch.equal(sigma[:64], sigma[128:192]) and out.level_sigma.min() >= 0.002 and out.level_sigma.max() <= 1.0
+    plain, _ = DenoiserMatchingLoss(teacher.sigma_data).draw(x0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sigma[64:128], plain[64:128])
 
 
-def test_level_loss_pairs_do_not_depend_on_the_process_count():
-    loss = LevelLoss(num_pairs=8)
+def test_level_term_moves_a_drifting_offset_toward_the_truth(gen):
+    """The projection loss cannot see a drift of the two modes' relative level along ln sigma (E + a ln(sigma) 1[x_0 >
+    0]: zero gradient in x where the data are), the level term's gradient in a points to a = 0 from either side."""
+    gmm = _two_modes()
+
+    class Drift(torch.nn.Module):
+        def __init__(self, a):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(a, dtype=torch.float64))
+
+        def energy(self, x, sigma, cond=None):
+            return gmm.energy(x, sigma) + self.a * sigma.log() * (x[:, 0] > 0).to(x.dtype)
+
+    x0 = gmm.sample(256, gen)
+    loss = LevelMatchingLoss(0.5, weight=1.0, sigma_hi=0.05)
+    for a0 in (0.8, -0.8):
+        model = Drift(a0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)  # d loss / d a = a P(pair straddles) / 2 ~ a / 4
+        for k in range(10):
+            out = loss(model, gmm, x0, None, torch.Generator().manual_seed(k))
+            (out.loss.mean() + out.level_loss.mean()).backward()
+            opt.step(), opt.zero_grad()
+        assert abs(model.a.item()) < 0.1 * abs(a0), (a0, model.a.item())
+    # without the level term a does not move: the projection loss is blind to the offset
+    model = Drift(0.8)
+    loss(model, gmm, x0, None, torch.Generator().manual_seed(0)).loss.mean().backward()
+    assert model.a.grad is None or float(model.a.grad) == 0.0
+
+
+def test_level_term_pairs_do_not_depend_on_the_process_count():
+    loss = LevelMatchingLoss(0.5, num_pairs=8)
     x0 = torch.randn(32, 2)
-    full = loss.draw(x0, torch.Generator().manual_seed(3))
+    full_sigma, full_eps = loss.draw_pairs(x0, torch.Generator().manual_seed(3))
     for rank in range(2):
-        part = loss.draw(x0[rank::2], torch.Generator().manual_seed(3), (rank, 2))
-        for a, b in zip(part, full):
-            torch.testing.assert_close(a, b[rank::2])
+        sigma, eps = loss.draw_pairs(x0[rank::2], torch.Generator().manual_seed(3), (rank, 2))
+        torch.testing.assert_close(eps, full_eps[rank::2])
+        # rank r's pair rows i, 8 + i are global pairs r + 2i: the global rows (r + 2i, 16 + r + 2i)
+        torch.testing.assert_close(sigma[:4], full_sigma[:8][rank::2])
+        torch.testing.assert_close(sigma[8:12], full_sigma[16:24][rank::2])
+    assert loss.global_pairs(32, 1) == 8 and LevelMatchingLoss(0.5).global_pairs(256, 1) == 64
     with pytest.raises(ValueError, match="even"):
-        loss.draw(torch.randn(7, 2), torch.Generator())
+        loss.draw_pairs(torch.randn(7, 2), torch.Generator())
     with pytest.raises(ValueError, match="multiple"):
-        LevelLoss(num_pairs=7).draw(x0[0::2], torch.Generator(), (0, 2))
+        LevelMatchingLoss(0.5, num_pairs=7).draw_pairs(x0[0::2], torch.Generator(), (0, 2))
+    with pytest.raises(ValueError, match="target=teacher"):
+        LevelMatchingLoss(0.5, target="data")
 
 
 class _Offset:
@@ -240,7 +283,9 @@ def test_non_conservative_teacher_is_projected_and_the_residual_reports_r(tmp_pa
     """Distilling ring8 + a rotational field r returns ring8's denoiser where the loss has weight (sigma >= 0.2), and
     there the residual against the teacher equals |sigma^2 r|^2 / d (and its excess over the exactly conservative
     ring8 does too: D_theta - D_ring8 is L2(p_sigma)-orthogonal to r at the projection); the asymmetry sees r."""
-    from fkdiff.distillation import DistillationModule, denoiser_error_by_bucket
+    from torch.utils.data import DataLoader
+
+    from fkdiff.distillation import DistillationModule, StepBatches, denoiser_error_by_bucket
     from fkdiff.training import build_trainer
 
     torch.manual_seed(0)
@@ -248,14 +293,14 @@ def test_non_conservative_teacher_is_projected_and_the_residual_reports_r(tmp_pa
     teacher = _Rotated(base, alpha=1.0)
     data = base.sample(8192, torch.Generator().manual_seed(0)).float()
     st = build_student((2,), base.sigma_data, "l2", backbone=dict(width=64, num_blocks=2))
-    module = DistillationModule(st, teacher, p_mean=-1.0, p_std=1.2, lr=2e-3, warmup_steps=50, seed=0,
-                                train_data=([{"x": x} for x in data], None), batch_size=256,
-                                plot={"enabled": False})
+    module = DistillationModule(st, teacher, DenoiserMatchingLoss(base.sigma_data, p_mean=-1.0, p_std=1.2), lr=2e-3,
+                                warmup_steps=50, seed=0)
+    loader = DataLoader(StepBatches([{"x": x} for x in data], 256, seed=0), batch_size=None)
     trainer = build_trainer({"max_steps": 400, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
                              "num_sanity_val_steps": 0,
                              "limit_val_batches": 0, "inference_mode": False, "gradient_clip_val": 1.0,
                              "enable_model_summary": False}, tmp_path, logger=None, ema_decay=0.99)
-    trainer.fit(module)
+    trainer.fit(module, train_dataloaders=loader)
     st.eval()
     edges = [0.2, 1.0, 5.0]
     g = torch.Generator().manual_seed(1)

@@ -320,3 +320,21 @@ def test_non_conservative_teacher_is_projected_and_the_residual_reports_r(tmp_pa
         assert abs(res["residual"][i] - rot[i]) < 0.1 * rot[i], (res, rot)     # the residual reports r
         assert abs(res["excess_residual"][i] - rot[i]) < 0.1 * rot[i], (res, rot)
         assert res["asymmetry_rel"][i] > 0.1
+
+
+@pytest.mark.parametrize("recipe", ["toy2d", "digits"])  # the image recipes share config.yaml's distill.levels
+def test_recipes_train_with_the_level_term_by_default_and_it_switches_off(recipe):
+    from omegaconf import OmegaConf
+
+    from fkdiff.distill import build_loss
+    from fkdiff.recipes import compose
+
+    cfg = compose([f"recipe={recipe}"])
+    loss = build_loss(cfg.distill, 0.5)
+    assert isinstance(loss, LevelMatchingLoss) and loss.level_weight == 0.1 and loss.law.lo == 0.002
+    assert loss.global_pairs(int(cfg.data.batch_size), 1) == int(cfg.data.batch_size) // 4
+    for key, value in (("levels.weight", 0), ("target", "data")):  # the off switch; E-DSM stays plain E-DSM
+        off = OmegaConf.to_container(cfg.distill, resolve=True)
+        OmegaConf.update(off := OmegaConf.create(off), key, value)
+        assert type(build_loss(off, 0.5)) is DenoiserMatchingLoss
+    assert (cfg.student.backbone or {}).get("noise_scale") == (16 if recipe == "toy2d" else None)

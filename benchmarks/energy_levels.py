@@ -187,6 +187,8 @@ def summarize(out: Path, variants: list[str] | None = None) -> str:
         lines.append(f"| {n} | {seeds} | {fmt(q_mass)} | {fmt(s_mass)} | {fmt(q_err, '{:+.2f}')} | {fmt(s_err, '{:+.2f}')} "
                      f"| {fmt([v[0] for v in lev['ring8']])} | {fmt([v[0] for v in lev['strip']])} | {fmt(worst)} "
                      f"| {den} | {'-' if tr is None else f'{tr:.2f}'} |")
+    notes = [f"- {r['variant']} seed {r['seed']}: {r['source']}" for n in names for r in by[n] if r.get("source")]
+    lines += ["", *notes] if notes else []
     lines += ["", "Per bucket (median over seeds): relative-energy error rms (nats) / excess denoiser error (% of optimal).", ""]
     if buckets:
         lines += ["| variant | student | " + " | ".join(buckets) + " |", "|" + "---|" * (2 + len(buckets))]
@@ -250,10 +252,14 @@ def main() -> None:
     ap.add_argument("--no-smc", action="store_true")
     ap.add_argument("--rerun", action="store_true", help="rerun (variant, seed) pairs already in results.json")
     ap.add_argument("--summary", action="store_true", help="write summary.md / summary.png")
+    ap.add_argument("--summary-only", action="store_true", help="write the summary of the results so far, run nothing")
     ap.add_argument("--timing", action="store_true", help="measure step-time ratios vs the baseline")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.summary_only:
+        print(summarize(args.out, args.variants))
+        return
     if args.timing:
         tm = step_time([v for v in args.variants if v != "baseline"])
         old = json.loads((args.out / "timing.json").read_text()) if (args.out / "timing.json").is_file() else {}

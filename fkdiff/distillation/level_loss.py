@@ -36,24 +36,25 @@ class LevelMatchingOutput(NamedTuple):
 class LevelMatchingLoss(DenoiserMatchingLoss):
     """The projection loss plus the level term (3) on the same forward pass (module docstring).
 
-    `num_pairs` P pairs per global batch (None: a quarter of the global batch) join rows j and j + B/2 (on each of `world` processes: its local rows i and
-    i + B_local/2, P/world of them; the pairs' noise is drawn for the whole global batch and sliced per rank, so the
-    term does not depend on the process count). A pair's common sigma is log-uniform in [sigma_lo, sigma_hi]
-    (`fkdiff.levels.PairSigmaLaw`: an error of the time score costs the same at every ln sigma) instead of the
-    training law, so the projection loss sees the mixture (1 - 2P/B) LogNormal(p_mean, p_std) + (2P/B) LogUniform:
-    more mass at small sigma, where the levels are set. The teacher's divergence: `divergence` "exact" (central
-    differences along every axis), "hutchinson" (`num_probes` Rademacher probes) or "auto" (exact for d <=
-    `exact_max_dim`). Only for `target="teacher"`: the teacher's time score is the target.
+    `num_pairs` P pairs per global batch (None: a quarter of the global batch) join rows j and j + B/2 (on each of
+    `world` processes: its local rows i and i + B_local/2, P/world of them; the pairs' noise is drawn for the whole
+    global batch and sliced per rank, so the term does not depend on the process count). A pair's common sigma is
+    log-uniform in [sigma_lo, sigma_hi] (`fkdiff.levels.PairSigmaLaw`: an error of the time score costs the same at
+    every ln sigma) instead of the training law, so the projection loss sees the mixture (1 - 2P/B)
+    LogNormal(p_mean, p_std) + (2P/B) LogUniform: more mass at small sigma, where the levels are set. The teacher's
+    divergence: `divergence` "exact" (central differences along every axis), "hutchinson" (`num_probes` Rademacher
+    probes) or "auto" (exact for d <= `exact_max_dim`). Only for `target="teacher"`: the teacher's time score is the
+    target.
 
-    Training (student in train mode, grad enabled) returns `LevelMatchingOutput` (the training step adds the means of
-    `loss` and `level_loss`); evaluation returns the plain projection loss (`LossOutput`, the training sigma law),
-    so validation losses compare with and without the term.
+    Training (student in train mode, grad enabled) returns `LevelMatchingOutput` (the training step adds the means
+    of `loss` and `level_loss`); evaluation returns the plain projection loss (`LossOutput`, the training sigma
+    law), so validation losses compare with and without the term.
     """
 
     def __init__(self, sigma_data: float, target: str = "teacher", p_mean: float = P_MEAN, p_std: float = P_STD,
-                 weighting: str = "edm", *, weight: float = 0.1, num_pairs: int | None = None, sigma_lo: float = SIGMA_MIN,
-                 sigma_hi: float = 1.0, divergence: str = "auto", num_probes: int = 1, exact_max_dim: int = 8,
-                 fd_step: float | None = None):
+                 weighting: str = "edm", *, weight: float = 0.1, num_pairs: int | None = None,
+                 sigma_lo: float = SIGMA_MIN, sigma_hi: float = 1.0, divergence: str = "auto", num_probes: int = 1,
+                 exact_max_dim: int = 8, fd_step: float | None = None):
         super().__init__(sigma_data, target, p_mean, p_std, weighting)
         if target != "teacher":
             raise ValueError("the level term matches the teacher's time score: it needs distill.target=teacher "

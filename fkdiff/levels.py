@@ -15,8 +15,8 @@ and by Tweedie (grad E = (x - D) / sigma^2, Lap E = (d - div D) / sigma^2) the t
 
 (no autograd through the teacher: div D_T by central differences, exact along the d axes or Hutchinson along
 Rademacher probes). The student's own `sigma dE_theta/dsigma` comes from the same autograd call as grad_x E_theta (sigma
-enters the graph). The level term (`fkdiff.distillation.LevelMatchingLoss`) matches the two on *differences between two samples at the same sigma*, so the
-student's free per-sigma constant cancels:
+enters the graph). The level term (`fkdiff.distillation.LevelMatchingLoss`) matches the two on *differences between
+two samples at the same sigma*, so the student's free per-sigma constant cancels:
 
     L_level = w(step) E_sigma [ lambda_L(sigma) ((q_i - q_j)^2 / 2) ],   q = sigma dE_theta/dsigma - T        (3)
 

@@ -222,6 +222,7 @@ def main(argv=None):
                     row = dict(target=name, method=method, budget=budget, seed=seed,
                                nfe=plan["used_evaluations"] if plan else res.nfe, wall_time=wall, covered=covered,
                                num_levels=len(res.sigmas) if res.sigmas is not None else None, warnings=warned,
+                               island_disagreement=plan.get("island_disagreement") if plan else None,
                                min_cess=float(res.cess.min()) if res.levels.get("cess") is not None else None,
                                tv=mode_tv(x, w[alive], ref, spec["centres"]), mmd=mmd(x, w[alive], ref),
                                mmd_ratio=mmd(x, w[alive], ref) / max(fl[i]["mmd"], 1e-12), log_Z=res.log_Z,

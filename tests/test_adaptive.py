@@ -11,6 +11,7 @@ import torch
 from fkdiff import compose, smc
 from fkdiff.smc.adaptive import low_temperature_formulation, place_levels
 from fkdiff.smc.core import _cess
+from fkdiff.smc.islands import island_disagreement
 from fkdiff.smc.weights import Weights
 from teachers.analytic import gmm_product
 from teachers.presets import gaussian, ring8
@@ -81,16 +82,35 @@ def test_islands_resample_within_island_and_keep_their_weight():
     assert isl.resample(Weights(torch.zeros(4, dtype=torch.float64)), smc.systematic, 0.5, None) == (None, None)
 
 
-def test_islands_run_is_unbiased_and_stays_in_its_islands():
-    target, log_z = _product()
-    res = smc.sample(target, 800, shape=(2,), num_levels=100, sigma_max=20.0, sigma_min=SMIN,
-                     mcmc=smc.adaptive._hmc(1), generator=torch.Generator().manual_seed(3), final_denoise=False,
-                     population=smc.Islands(8))
-    assert res.log_Z_dof == 7.0
-    lo, hi = res.log_Z_ci(0.95)
-    assert hi - lo > 0
-    # spread of log Z over 10 seeds of this configuration: sd 0.012; bound 4.5 sd
-    assert abs(res.log_Z - log_z) < 4.5 * 0.012, (res.log_Z, log_z)
+def test_islands_never_exchange_particles():
+    seen = []
+
+    class Recording(smc.Islands):
+        def resample(self, w, resampler, ess_threshold, generator):
+            anc, after = super().resample(w, resampler, ess_threshold, generator)
+            seen.append(anc)
+            return anc, after
+
+    target, _ = _product()
+    res = smc.sample(target, 64, shape=(2,), num_levels=20, sigma_max=20.0, sigma_min=SMIN, ess_threshold=1.0,
+                     generator=torch.Generator().manual_seed(0), population=Recording(4))
+    rows = torch.arange(64) // 16
+    assert len(seen) == 20 and all(a is not None and bool((a // 16 == rows).all()) for a in seen)
+    assert res.log_Z_dof == 3.0 and res.log_Z_var > 0
+
+
+def test_island_disagreement_flags_islands_that_put_the_mass_in_different_places():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8 * 500, 2, generator=g, dtype=torch.float64)
+    lw = torch.zeros(8 * 500, dtype=torch.float64)
+    # same law in every island: chi^2_14 / 14 (two coordinates, 7 dof each); its 0.9999 quantile is 3.0
+    assert island_disagreement(x, lw, 8) < 3.0
+    shifted = x.clone()
+    shifted[: 4 * 500, 0] += 1.0  # half of the islands found a mode one unit to the right
+    # expected (Var(1,1,1,1,0,0,0,0) / (1 / 500) + 1) / 2 = (0.286 * 500 + 1) / 2 = 72
+    assert island_disagreement(shifted, lw, 8) > 40.0
+    lw[:500] = -math.inf  # an island without weight
+    assert math.isnan(island_disagreement(x, lw, 8))
 
 
 # -- the budget --------------------------------------------------------------------------------------------------
@@ -104,8 +124,9 @@ def test_budget_is_respected_and_recorded():
     assert plan["estimator"] == "islands(8)" and res.log_Z_dof == 7.0
     assert float(res.sigmas[0]) == 80.0 and float(res.sigmas[-1]) == SMIN
     assert res.levels["cess"] is not None and bool((res.cess > 0).all() and (res.cess <= 1 + 1e-12).all())
-    # spread of log Z over 10 seeds of this call: sd 0.02; bound 4.5 sd
-    assert abs(res.log_Z - log_z) < 4.5 * 0.02, (res.log_Z, log_z)
+    # spread of log Z over 50 seeds of this call (benchmarks/smc_coverage.py, gauss2d islands): sd 0.18; 4.5 sd
+    assert abs(res.log_Z - log_z) < 4.5 * 0.18, (res.log_Z, log_z)
+    assert res.plan["island_disagreement"] < 10.0
     with pytest.raises(ValueError, match="budget"):
         smc.sample(target, 64, shape=(2,), budget=20)
     with pytest.raises(TypeError, match="not both"):
@@ -124,3 +145,20 @@ def test_budget_low_temperature_runs_twisted_and_explicit_sampler_mode_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         smc.sample(t, 64, shape=(2,), num_levels=5, sigma_max=80.0, sigma_min=SMIN, mode="twisted")
+
+
+@pytest.mark.slow
+def test_island_interval_coverage():
+    """Coverage of the reported 95% interval over 50 seeds of the budget default (benchmarks/smc_coverage.py measured
+    43/50 = 86% on this target; Lee-Whiteley 46/50 here, 37/50 on a 2D GMM product where islands gave 44/50). The
+    bound 0.74 is 2.4 binomial standard deviations below 86%: it fails for an estimator that understates the spread
+    by the 1.8x of Lee-Whiteley on the GMM product."""
+    target, log_z = _product()
+    covered = 0
+    for seed in range(50):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = smc.sample(target, 1024, shape=(2,), budget=300, generator=torch.Generator().manual_seed(seed))
+        lo, hi = res.log_Z_ci(0.95)
+        covered += lo <= log_z <= hi
+    assert covered >= 37, covered

@@ -50,6 +50,7 @@ DEFAULTS = dict(
     alpha=0.3,  # weight of the rho-schedule floor in the level density
     num_islands=8,
     min_island=128,  # particles per island needed before the island estimator is used
+    disagreement_warn=10.0,  # warn when the islands' means disagree this many times more than their weights say
 )
 
 
@@ -116,7 +117,7 @@ def sample_with_budget(
     """`fkdiff.smc.sample(..., budget=B)` (see the module docstring). `engine`: run_smc options (resample,
     ess_threshold, progress); `fk_kwargs`: the remaining DiffusionFK options."""
     from fkdiff.smc.core import LOCAL
-    from fkdiff.smc.islands import Islands
+    from fkdiff.smc.islands import Islands, island_disagreement
     from fkdiff.smc.potentials import LowTemperature
 
     cfg = {**DEFAULTS, **(settings or {})}
@@ -169,7 +170,22 @@ def sample_with_budget(
                          cess=pres.cess.tolist(), sigmas=pres.sigmas.tolist())
     res = population.run(model(sigmas), n, generator=generator, mcmc=mcmc, **engine)
     used = res.nfe + (pilot["evaluations_per_particle"] if pilot else 0.0)
+    disagreement = None
+    if isinstance(population, Islands):
+        disagreement = island_disagreement(res.samples, res.log_weights, population.num_islands)
+        if not disagreement <= cfg["disagreement_warn"]:  # NaN included
+            import warnings
+
+            from fkdiff.smc.core import SMCDegeneracyWarning
+
+            msg = (f"the {population.num_islands} independent islands disagree {disagreement:.1f}x more than their "
+                   "weights allow (threshold {:g}): the particles have not found where the mass is (e.g. a mode "
+                   "missed or over-weighted); raise the budget (more levels and MCMC) or the number of particles"
+                   .format(cfg["disagreement_warn"]))
+            res.warnings.append(msg)
+            warnings.warn(msg, SMCDegeneracyWarning, stacklevel=3)
     res.plan = dict(budget=budget, used_evaluations=used, num_levels=int(sigmas.numel()),
                     schedule="adaptive (pilot CESS)" if pilot else "rho", mode=mode, formulation=formulation,
-                    mcmc=repr(mcmc), evaluations_per_level=per_level, estimator=estimator, pilot=pilot)
+                    mcmc=repr(mcmc), evaluations_per_level=per_level, estimator=estimator, pilot=pilot,
+                    island_disagreement=disagreement)
     return res

@@ -27,7 +27,32 @@ from torch import Tensor
 from fkdiff.smc.core import Population
 from fkdiff.smc.weights import Weights
 
-__all__ = ["Islands"]
+__all__ = ["Islands", "island_disagreement"]
+
+
+def island_disagreement(samples: Tensor, log_weights: Tensor, num_islands: int) -> float:
+    """How much more the R islands' weighted means of x differ than their own weights say they should: the mean over
+    coordinates of  Var_r(m_r) / mean_r(v_r / ESS_r),  m_r, v_r the weighted mean and variance of a coordinate in
+    island r (rows [r n, (r + 1) n)), ESS_r its ESS. About 1 (chi^2_{R-1} / (R - 1)) when every island samples the
+    same law with independent particles; large when the islands put the mass in different places (a mode found by
+    some islands and not others: the particle approximation has not converged). NaN if an island has no weight."""
+    r = int(num_islands)
+    x = samples.detach().double().flatten(1).cpu()
+    n = x.shape[0] // r
+    lw = log_weights.detach().double().cpu().view(r, n)
+    w = torch.softmax(lw, 1)  # [R, n] each island's own normalised weights
+    if not bool(torch.isfinite(w).all()):
+        return math.nan
+    x = x.view(r, n, -1)
+    m = (w[..., None] * x).sum(1)  # [R, d]
+    v = (w[..., None] * (x - m[:, None]) ** 2).sum(1)
+    ess = 1.0 / (w**2).sum(1)  # [R]
+    within = (v / ess[:, None]).mean(0)  # [d]
+    between = m.var(0)
+    ok = within > 0
+    if not bool(ok.any()):
+        return math.nan
+    return float((between[ok] / within[ok]).mean())
 
 
 class Islands(Population):

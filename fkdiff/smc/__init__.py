@@ -104,6 +104,8 @@ def sample(
     num_levels = _num_levels(num_levels, num_steps)
     if device is None and generator is not None:
         device = generator.device
+    if mode is not None:
+        _warn_low_temperature(target, mode, mcmc)
     if budget is not None and num_levels is None and sigmas is None:
         from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN
 
@@ -118,8 +120,9 @@ def sample(
                            randn=randn))
     if budget is not None:
         raise TypeError("give either budget (levels chosen for you) or num_levels / sigmas, not both")
-    mode = "sampler" if mode is None else mode
-    _warn_low_temperature(target, mode, mcmc)
+    if mode is None:
+        mode = "sampler"
+        _warn_low_temperature(target, mode, mcmc)
     fk = DiffusionFK.on_levels(target, num_levels=num_levels, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho,
                                sigmas=sigmas, shape=shape, proposal=proposal, potentials=potentials, mode=mode,
                                final_denoise=final_denoise, proposal_variance=proposal_variance, init_std=init_std,

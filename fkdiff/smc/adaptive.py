@@ -135,8 +135,9 @@ def sample_with_budget(
     mode = "sampler" if mode is None else mode
     if mcmc is None:
         mcmc = _hmc(steps, cfg["num_leapfrog"])
-    per_level = 1 + int(fk_kwargs.get("proposal") is not None) + int(getattr(mcmc, "num_steps", 1)) * int(
-        getattr(mcmc, "num_leapfrog", 1))
+    # propagation (target + proposal) and MCMC (its moves, then the proposal at the moved points)
+    with_proposal = int(fk_kwargs.get("proposal") is not None)
+    per_level = 1 + 2 * with_proposal + int(getattr(mcmc, "num_steps", 1)) * int(getattr(mcmc, "num_leapfrog", 1))
     t_total = int(budget // per_level)
     if t_total < 8:
         raise ValueError(f"budget={budget:g} evaluations per particle allows only {t_total} levels at {per_level} "

@@ -202,6 +202,20 @@ class EnergyStudent(nn.Module):
         s = append_dims(as_sigma(sigma, grad), grad.ndim)
         return x - s**2 * grad
 
+    # -- what the student is conditioned on -------------------------------------------------------
+    @property
+    def cond_kind(self) -> str:
+        """"none" | "class" | "position": the condition `cond` this student takes (its network's, or its teacher's
+        for a student over a copy of a teacher's network)."""
+        return str(getattr(self.f, "cond_kind", None) or getattr(getattr(self.f, "cond_emb", None), "kind", "none"))
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes K of a class-conditional student (labels in [0, K)); None otherwise."""
+        if self.cond_kind != "class":
+            return None
+        return getattr(self.f, "num_classes", None) or getattr(getattr(self.f, "cond_emb", None), "num_classes", None)
+
     def extra_repr(self) -> str:
         return f"g={self.g_kind}, event_shape={self.event_shape}, sigma_data={self.sigma_data:.4g}"
 
@@ -223,6 +237,10 @@ class DenoiserNet(nn.Module):
     @property
     def cond_kind(self) -> str | None:
         return getattr(self.denoiser, "cond_kind", None)
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.denoiser, "num_classes", None)
 
     def forward(self, u: Tensor, c_noise: Tensor, cond: Any = None) -> Tensor:
         sigma = (4 * c_noise).exp()

@@ -43,7 +43,7 @@ def test_recipe_distils_the_cached_public_teacher_and_samples_a_class(tmp_path, 
     # a small class-conditional SMC batch from the distilled student
     scfg = compose(["recipe=cifar10", "task=sample", f"run_dir={tmp_path / 'sample'}",
                     f"sample.models.cifar.path={run['student_path']}", "sample.models.cifar.cond=3",
-                    "sample.num_particles=4", "sample.num_steps=3", "sample.progress=false"])
+                    "sample.num_particles=4", "sample.num_levels=3", "sample.progress=false"])
     diag = sample_run(scfg)
     out = torch.load(tmp_path / "sample" / "samples.pt", weights_only=True)
     assert out["samples"].shape == (4, 3, 32, 32) and torch.isfinite(out["samples"]).all()

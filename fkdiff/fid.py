@@ -7,8 +7,8 @@
   "inception-v3-compat": the network of EDM's detector pickle and of the original FID code), fed uint8 RGB images
   quantised as EDM's `generate.py` does, `(x * 127.5 + 128).clip(0, 255).to(uint8)` for x in [-1, 1]. The weights
   file is read from the user's torch hub cache (`<torch.hub.get_dir()>/checkpoints/INCEPTION_WEIGHTS_FILE`, where
-  torch-fidelity itself caches it) or `fid.weights`; fkdiff never downloads it, and checks it is a plain weights file
-  (a weights-only load, and the sha256 prefix its published name carries) before torch-fidelity unpickles it.
+  torch-fidelity itself caches it) or `fid.weights`; fkdiff never downloads it, checks it is a plain weights file
+  (a weights-only load, which runs nothing) before torch-fidelity unpickles it, and records its sha256 in `fid.json`.
 - Statistics: mu and the unbiased covariance S, accumulated in float64 as EDM does.
 - Reference statistics (stated in `fid.json`): `fid.ref=edm`, EDM's published statistics of the 50,000 CIFAR-10
   training images (`FID_REFS`, an .npz with `mu` and `sigma`, fetched once into the torch hub cache and read with
@@ -65,7 +65,7 @@ def to_uint8_edm(x: Tensor) -> Tensor:
 
 def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
     """The Inception weights file, checked (module docstring); FileNotFoundError naming the file, the folder and the
-    URL when missing, ValueError when it is not a plain weights file of the expected content."""
+    URL when missing, ValueError when it is not a plain weights file (a state_dict of tensors)."""
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     p = Path(os.path.expanduser(str(path))) if path is not None else folder / INCEPTION_WEIGHTS_FILE
     if not p.is_file():
@@ -73,15 +73,6 @@ def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
             f"Inception weights not found at {p}. On a machine with network: `mkdir -p {folder} && curl -L -o "
             f"{folder / INCEPTION_WEIGHTS_FILE} {INCEPTION_WEIGHTS_URL}` (TORCH_HOME moves the torch hub cache), "
             "then copy it here, or pass fid.weights=<file>. fkdiff never downloads it.")
-    if p.name == INCEPTION_WEIGHTS_FILE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        prefix = INCEPTION_WEIGHTS_FILE.rsplit("-", 1)[1].split(".")[0]
-        if not h.hexdigest().startswith(prefix):
-            raise ValueError(f"{p}: sha256 {h.hexdigest()[:16]}... does not start with {prefix} (its published name's "
-                             "hash): a different or corrupted file; download it again")
     try:  # refuses anything but tensors and plain containers, without running any of it
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -90,6 +81,14 @@ def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{p} is not a state_dict of tensors")
     return p
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _import_fidelity():
@@ -260,6 +259,7 @@ def fid(cfg: DictConfig) -> dict:
                          "generated images)")
     device = torch.device(f.get("device") or "cpu")
     features = inception_features(f.get("weights"), device)  # the missing package / weights fail first
+    weights = inception_weights_path(f.get("weights"))
     run_dir = Path(str(cfg.run_dir))
     dataset = str(cfg.data.name)
     cache = None
@@ -288,7 +288,7 @@ def fid(cfg: DictConfig) -> dict:
     mu, sigma = stats.mu_sigma()
     out = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "num_samples": num, "generated": source,
            "reference": ref_desc, "features": "Inception-v3 pool3 (2048), torch-fidelity inception-v3-compat",
-           "weights": str(f.get("weights") or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE)}
+           "weights": str(weights), "weights_sha256": _sha256(weights)}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "fid.json").write_text(json.dumps(out, indent=2))
     print(f"[fkdiff.fid] FID = {out['fid']:.3f} ({num} images vs {ref_desc}); {run_dir / 'fid.json'}")

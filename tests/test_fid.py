@@ -78,12 +78,6 @@ def test_inception_weights_checked_before_anyone_unpickles_them(tmp_path, monkey
     good = tmp_path / "mine.pth"
     torch.save({"w": torch.zeros(2)}, good)
     assert F.inception_weights_path(good) == good
-    # under the published name, the content must match its sha256 prefix
-    named = tmp_path / "torch" / "hub" / "checkpoints" / F.INCEPTION_WEIGHTS_FILE
-    named.parent.mkdir(parents=True)
-    named.write_bytes(good.read_bytes())
-    with pytest.raises(ValueError, match="does not start with 6726825d"):
-        F.inception_weights_path()
 
 
 def test_edm_reference_statistics_cached_or_a_clear_offline_error(tmp_path, monkeypatch):
@@ -106,8 +100,10 @@ def test_edm_reference_statistics_cached_or_a_clear_offline_error(tmp_path, monk
         F.load_reference(str(obj), "cifar10")
 
 
-def _stand_in(monkeypatch):
-    """Replace the Inception network by a fixed random projection of the uint8 pixels (same interface)."""
+def _stand_in(monkeypatch, tmp_path):
+    """Replace the Inception network by a fixed random projection of the uint8 pixels (same interface); its weights
+    file is a plain state_dict (fid.weights) whose sha256 fid.json records."""
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
     proj = torch.randn(3 * 32 * 32, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     monkeypatch.setattr(F, "inception_features", lambda weights=None, device="cpu": (
         lambda u: (u.to(torch.float64).flatten(1) / 255) @ proj))
@@ -118,8 +114,9 @@ def test_fid_command_wiring(tmp_path, monkeypatch):
     own statistics is 0; other images give a positive value; fewer images than fid.num_samples is an error."""
     write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", n_per_batch=40)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    _stand_in(monkeypatch)
-    base = ["recipe=cifar10", "task=fid", f"data.root={tmp_path / 'cifar'}", "fid.ref=data", "fid.batch=64"]
+    _stand_in(monkeypatch, tmp_path)
+    base = ["recipe=cifar10", "task=fid", f"data.root={tmp_path / 'cifar'}", "fid.ref=data", "fid.batch=64",
+            f"fid.weights={tmp_path / 'weights.pth'}"]
     from fkdiff.training import build_datamodule_from_config
 
     dm = build_datamodule_from_config(compose(base).data)
@@ -129,6 +126,7 @@ def test_fid_command_wiring(tmp_path, monkeypatch):
     out = F.fid(compose(base + [f"run_dir={tmp_path / 'a'}", f"fid.samples={tmp_path / 'same.pt'}",
                                 f"fid.num_samples={len(train)}"]))
     assert abs(out["fid"]) < 1e-6 and (tmp_path / "a" / "fid.json").is_file()
+    assert out["weights_sha256"] == hashlib.sha256((tmp_path / "weights.pth").read_bytes()).hexdigest()
     assert "training images (200)" in out["reference"]
     torch.save(torch.rand(300, 3, 32, 32) * 2 - 1, tmp_path / "noise.pt")
     out = F.fid(compose(base + [f"run_dir={tmp_path / 'b'}", f"fid.samples={tmp_path / 'noise.pt'}",
@@ -197,8 +195,10 @@ def test_fid_command_on_a_student(tmp_path, monkeypatch):
     proj = torch.randn(3 * 2 * 2, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     monkeypatch.setattr(F, "inception_features", lambda weights=None, device="cpu": (  # any image size, as Inception
         lambda u: (torch.nn.functional.adaptive_avg_pool2d(u.double(), 2).flatten(1) / 255) @ proj))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
     path = _tiny_student(tmp_path / "student.pt", num_classes=10)
     out = F.fid(compose(["recipe=cifar10", "task=fid", f"data.root={tmp_path / 'cifar'}", "fid.ref=data",
+                         f"fid.weights={tmp_path / 'weights.pth'}",
                          f"run_dir={tmp_path / 'run'}", f"fid.student={path}", "fid.num_samples=12", "fid.batch=4",
                          "sample.num_levels=3", "sample.sigma_max=5.0", "sample.sigma_min=0.05"]))
     assert math.isfinite(out["fid"]) and out["fid"] > 0 and out["num_samples"] == 12

@@ -217,11 +217,12 @@ def _training_batches(cfg: DictConfig, batch: int) -> Callable[[], Iterable[Tens
 
 
 def smc_images(cfg: DictConfig, student: str | os.PathLike, num: int, batch: int,
-               device: torch.device | str = "cpu") -> Iterator[Tensor]:
+               device: torch.device | str = "cpu", fast_path: dict | None = None) -> Iterator[Tensor]:
     """`num` images `[b, C, H, W]` from the distilled `student`, in ceil(num / batch) SMC batches of (near-)equal size
     at most `batch` (50,000 in 100 batches of 500), run with
     the `sample:` section's settings (levels, sigma range, kernel, resampling, max_batch chunking), each batch
-    resampled to equal weights. A class-conditional student draws batch i from class i mod K (EDM draws labels
+    resampled to equal weights; `fast_path` (`fid.fast_path`) the student's `EnergyStudent.fast_path` keywords.
+    A class-conditional student draws batch i from class i mod K (EDM draws labels
     uniformly; SMC needs one target per batch: a whole number of rounds over the K classes is exactly balanced)."""
     from fkdiff import mcmc, smc
     from fkdiff.compose import conditioned
@@ -229,7 +230,7 @@ def smc_images(cfg: DictConfig, student: str | os.PathLike, num: int, batch: int
 
     opt = OmegaConf.to_container(cfg.sample, resolve=True)
     device = torch.device(device)
-    model = load_model({"kind": "energy", "path": str(student)}, device)
+    model = load_model({"kind": "energy", "path": str(student), "fast_path": fast_path}, device)
     if getattr(model, "cond_kind", "none") not in ("none", "class"):
         raise ValueError(f"FID draws unconditional or class-conditional images; {student} is conditioned on "
                          f"{model.cond_kind}")
@@ -278,7 +279,7 @@ def fid(cfg: DictConfig) -> dict:
         batches: Iterable[Tensor] = x[:num].split(int(f.get("batch", 500)))
         source = f"the first {num} images of {f['samples']}"
     else:
-        batches = smc_images(cfg, f["student"], num, int(f.get("batch", 500)), device)
+        batches = smc_images(cfg, f["student"], num, int(f.get("batch", 500)), device, f.get("fast_path"))
         source = f"{num} SMC samples of {f['student']} (sample: section, batches of {f.get('batch')})"
     stats = FeatureStats()
     for b in batches:

@@ -204,3 +204,18 @@ def test_fid_command_on_a_student(tmp_path, monkeypatch):
     assert math.isfinite(out["fid"]) and out["fid"] > 0 and out["num_samples"] == 12
     assert "12 SMC samples of" in out["generated"] and "training images (40)" in out["reference"]
     assert (tmp_path / "run" / "fid.json").is_file()
+
+
+def test_fid_student_runs_on_its_fast_path(tmp_path, monkeypatch):
+    """fid.fast_path reaches EnergyStudent.fast_path through the model spec (sample.models.<name>.fast_path too);
+    bf16 autocast runs on CPU and gives finite images."""
+    from fkdiff.energy import EnergyStudent
+
+    calls = []
+    real = EnergyStudent.fast_path
+    monkeypatch.setattr(EnergyStudent, "fast_path", lambda self, **kw: calls.append(kw) or real(self, **kw))
+    path = _tiny_student(tmp_path / "student.pt", num_classes=3)
+    cfg = compose(["task=fid", "sample.num_levels=3", "sample.sigma_max=5.0", "sample.sigma_min=0.05",
+                   "fid.fast_path={precision: bf16, channels_last: true}"])
+    (x,) = F.smc_images(cfg, path, 4, 4, fast_path=cfg.fid.fast_path)
+    assert calls == [{"precision": "bf16", "channels_last": True}] and torch.isfinite(x).all()

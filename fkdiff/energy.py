@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, edm_precond
+from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, checked_sigma, edm_precond
 from fkdiff.nets import build_backbone
 
 __all__ = ["G_KINDS", "FORMAT", "PRECISIONS", "EnergyStudent", "DenoiserNet", "build_student", "student_from_teacher",
@@ -243,7 +243,7 @@ class DenoiserNet(nn.Module):
         return getattr(self.denoiser, "num_classes", None)
 
     def forward(self, u: Tensor, c_noise: Tensor, cond: Any = None) -> Tensor:
-        sigma = (4 * c_noise).exp()
+        sigma = checked_sigma((4 * c_noise).exp())  # c_noise = log(sigma) / 4 of a sigma checked where it entered
         pc = edm_precond(sigma, self.sigma_data)
         c_skip, c_out, c_in = (append_dims(c, u.ndim) for c in (pc.c_skip, pc.c_out, pc.c_in))
         x = (self.input_scale * u) / c_in

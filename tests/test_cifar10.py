@@ -85,3 +85,29 @@ def test_recipe_with_our_own_edm_teacher(tmp_path):
     student = load_energy(run["student_path"])
     assert run["step"] == 3 and student.config["network"]["kind"] == "edm"
     assert (student.sigma_min, student.sigma_max) == (teacher.sigma_min, teacher.sigma_max)
+
+
+@pytest.mark.slow
+def test_recipe_under_ddp_two_cpu_processes_matches_one(tmp_path):
+    """The cifar10 recipe unchanged under `trainer.devices=2 trainer.strategy=ddp` (gloo, 2 CPU processes, the real
+    entry point) with a local teacher of the public model's class: the student over the teacher's copy trains to the
+    weights of the 1-process run (the global batch and its noise do not depend on the process count)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_distill import _assert_same_weights, _weights
+
+    root = Path(__file__).resolve().parents[1]
+    folder = save_ddpm_folder(tmp_path / "teacher", num_classes=10)
+    common = [a for a in _base(tmp_path, "teacher.hub_id=null", f"teacher.path={folder}", "distill.plot.enabled=false",
+                               "distill.checkpoint_every_n_steps=3") if not a.startswith("run_dir=")]
+    res = subprocess.run([sys.executable, "-m", "fkdiff.distill", *common, f"run_dir={tmp_path / 'ddp'}",
+                          "trainer.devices=2", "trainer.strategy=ddp"], cwd=root, capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MEMBER: 2/2" in res.stdout + res.stderr
+    (single,) = distill(compose(common + [f"run_dir={tmp_path / 'one'}"]))
+    (ddp_student,) = (tmp_path / "ddp").rglob("student.pt")
+    _assert_same_weights(_weights(ddp_student), _weights(single["student_path"]), rtol=1e-4, atol=1e-6)

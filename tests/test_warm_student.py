@@ -182,17 +182,19 @@ def _host_syncs(fn) -> int:
     return Count.n
 
 
-@pytest.mark.xfail(strict=True, reason="fkdiff.diffusion.as_sigma validates sigma values at every call (2 host syncs "
-                   "per call) until the SMC half of issue 8 (check_sigma once) is merged")
 def test_student_evaluation_never_synchronises_with_the_host(tmp_path, gen):
     """The SMC hot path evaluates energy and score once per particle batch per level: no tensor value may go to the
-    host there (a GPU would stall at each). Checked for the copy of a diffusers teacher at a [B] sigma."""
+    host there (a GPU would stall at each). Checked for the copy of a diffusers teacher at a [B] sigma checked where it
+    entered (as SMC levels pass it: fkdiff.diffusion.checked_sigma); an unchecked sigma is validated once."""
+    from fkdiff.diffusion import checked_sigma
+
     st = _image_students(tmp_path)["copy"]
     x = torch.randn(4, 3, 8, 8, generator=gen)
     sigma, y = torch.full((4,), 0.7), torch.randint(0, 10, (4,), generator=gen)
     st.energy_and_score(x, sigma, y)  # warm-up (lazy initialisation outside the count)
-    assert _host_syncs(lambda: st.energy_and_score(x, sigma, y)) == 0
-    assert _host_syncs(lambda: float(st.energy(x, sigma, y).sum())) == 1  # the counter sees a deliberate one
+    assert _host_syncs(lambda: st.energy_and_score(x, checked_sigma(sigma.clone()), y)) == 0
+    assert _host_syncs(lambda: st.energy_and_score(x, sigma.clone(), y)) == 2  # check_sigma: finite, > 0
+    assert _host_syncs(lambda: float(st.energy(x, checked_sigma(sigma.clone()), y).sum())) == 1  # a deliberate one
 
 
 @pytest.mark.slow

@@ -15,16 +15,17 @@
   numpy's allow_pickle=False); `fid.ref=data`, the same computed from `data.root`'s training images with the same
   extractor; or a path to such an .npz.
 - Generated images: `fid.num_samples` (50,000, EDM's count; fewer is an error, as in EDM) from the student, in SMC
-  batches of `fid.batch` particles with the `sample:` section's settings, each batch resampled to equal weights;
-  a class-conditional student draws each batch's class uniformly at random (seeded). Or an existing file of images
-  (`fid.samples=<.pt>`: a tensor or `{"samples": ...}` of `[N, C, H, W]` in [-1, 1]).
+  batches of at most `fid.batch` particles with the `sample:` section's settings, each batch resampled to equal
+  weights; a class-conditional student's batch i is drawn from class i mod K (`smc_images`). Or an existing file of
+  images (`fid.samples=<.pt>`: a tensor or `{"samples": ...}` of `[N, C, H, W]` in [-1, 1]).
 
     python -m fkdiff.fid recipe=cifar10 data.root=<folder> fid.student=runs/cifar10/student/student.pt
     python -m fkdiff.fid recipe=cifar10 fid.samples=runs/sample/.../samples.pt fid.num_samples=2000   # a quick look
 
-This is the one place of fkdiff's FID code (issue 10's image metrics live apart; the two share nothing but the
-Inception weights file name). torch-fidelity needs a torchvision matching the installed torch: where it does not
-import, `FIDUnavailableError` says what to install.
+This is the one place of the FID of a run. (`fkdiff.metrics.inception`, issue 10, computes FID/KID of image sets
+through torchmetrics, whose FID uses the same torch-fidelity extractor and weights file; the two should share the
+weights check and the error when both are merged.) torch-fidelity needs a torchvision matching the installed torch:
+where it does not import, `FIDUnavailableError` says what to install.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def run(device, batch, particles, repeats, precision, channels_last, compile_):
     rows["energy_and_score"] = _time(lambda: student.energy_and_score(x, sigma), device, repeats)
 
     # training steps: teacher DSM (first order) vs the student's loss on grad_x E (double backward)
-    t_train = teacher.train()
+    t_train = teacher.train().requires_grad_(True)  # loaded teachers are frozen
     opt_t = torch.optim.Adam(t_train.parameters(), lr=1e-6)
 
     def dsm_step():

@@ -54,8 +54,11 @@ class LevelMatchingLoss(DenoiserMatchingLoss):
     def __init__(self, sigma_data: float, target: str = "teacher", p_mean: float = P_MEAN, p_std: float = P_STD,
                  weighting: str = "edm", *, weight: float = 0.1, num_pairs: int | None = None,
                  sigma_lo: float = SIGMA_MIN, sigma_hi: float = 1.0, divergence: str = "auto", num_probes: int = 1,
-                 exact_max_dim: int = 8, fd_step: float | None = None):
-        super().__init__(sigma_data, target, p_mean, p_std, weighting)
+                 exact_max_dim: int = 8, fd_step: float | None = None,
+                 sigma_range: tuple[float, float] | None = None):
+        super().__init__(sigma_data, target, p_mean, p_std, weighting, sigma_range)
+        if self.sigma_range is not None:  # the pairs' sigma stays inside the teacher's range too
+            sigma_lo, sigma_hi = max(float(sigma_lo), self.sigma_range[0]), min(float(sigma_hi), self.sigma_range[1])
         if target != "teacher":
             raise ValueError("the level term matches the teacher's time score: it needs distill.target=teacher "
                              "(set distill.levels.weight=0 for the E-DSM baseline)")

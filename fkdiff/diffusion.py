@@ -33,6 +33,9 @@ __all__ = [
     "RHO",
     "append_dims",
     "as_sigma",
+    "check_sigma",
+    "checked_sigma",
+    "is_checked",
     "check_batch",
     "sigma_schedule",
     "sample_training_sigma",
@@ -77,13 +80,44 @@ def check_batch(x: Tensor, event_ndim: int | None = None, name: str = "x") -> No
         )
 
 
+_CHECKED = "_fkdiff_sigma_checked"
+
+
+def check_sigma(sigma: Tensor) -> None:
+    """Raise ValueError unless every entry of `sigma` is finite and > 0.
+
+    The one place sigma values are validated. The checks depend on the data, so on a GPU each call waits for the
+    device (a host sync): `as_sigma` calls it once where a user's value enters and marks the `[B]` tensor it returns
+    as checked, so the models below it (compositions, students, teachers) pass it on without checking again.
+    """
+    if not torch.isfinite(sigma).all():
+        raise ValueError("sigma must be finite")
+    if (sigma <= 0).any():
+        raise ValueError(f"sigma must be > 0 (got min {sigma.min().item():.3g}); the EDM convention has no sigma = 0 "
+                         "level")
+
+
+def checked_sigma(sigma: Tensor) -> Tensor:
+    """Mark a `[B]` sigma tensor whose values the caller guarantees finite and > 0 (e.g. a slice of a checked one, or
+    levels made by a validated schedule): `as_sigma` passes it through without `check_sigma`. Returns `sigma`."""
+    setattr(sigma, _CHECKED, True)
+    return sigma
+
+
+def is_checked(sigma) -> bool:
+    """Whether `sigma` is a tensor marked by `checked_sigma` / returned by `as_sigma`."""
+    return bool(getattr(sigma, _CHECKED, False))
+
+
 def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
     """Return sigma as a `[B]` tensor on `x`'s device and dtype, with B = x.shape[0].
 
     Accepts a Python float, a 0-dim tensor, a `[1]` tensor or a `[B]` tensor. Raises ValueError for sigma <= 0,
-    non-finite sigma, or a length that does not match the batch.
+    non-finite sigma (`check_sigma`, skipped for a tensor already checked: see `checked_sigma`), or a length that does
+    not match the batch. The result is marked as checked.
     """
     b = x.shape[0]
+    trusted = is_checked(sigma)
     # build Python numbers directly in x's dtype: torch.as_tensor(0.1) is float32 and would round sigma
     s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype) if not isinstance(sigma, Tensor) else sigma.to(
         device=x.device, dtype=x.dtype)
@@ -95,11 +129,9 @@ def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
         raise ValueError(
             f"sigma must be a float, a scalar tensor or a [B]={b} tensor, got shape {tuple(s.shape)}"
         )
-    if not torch.isfinite(s).all():
-        raise ValueError("sigma must be finite")
-    if (s <= 0).any():
-        raise ValueError(f"sigma must be > 0 (got min {s.min().item():.3g}); the EDM convention has no sigma = 0 level")
-    return s
+    if not trusted:
+        check_sigma(s)
+    return checked_sigma(s)
 
 
 def sigma_schedule(

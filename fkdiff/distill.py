@@ -222,11 +222,9 @@ def _finalise(cfg: DictConfig, name: str, student, teacher, warm: bool, step: in
     """Write `student.pt`, evaluate the student against an analytic teacher, then write `result.json` (the mark that
     the student is done). Every file is written atomically, in this order, so a kill at any point is harmless."""
     from fkdiff.distillation import denoiser_error_by_bucket, energy_gap_error_by_bucket
-    from fkdiff.energy import save_student
+    from fkdiff.energy import load_energy, save_student
     from fkdiff.files import atomic_write_json
     from fkdiff.seeding import seeded_generator
-
-    from fkdiff.energy import load_energy
 
     dcfg = cfg.distill
     student.eval()

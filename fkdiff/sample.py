@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     owns_group = False
     if world_size > 1:
-        device, owns_group = _init_distributed(device)
+        device, owns_group = _init_distributed(device, cfg.get("timeout"))
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_dir = Path(cfg.run_dir)
     if is_main:
@@ -158,9 +158,10 @@ def run(cfg: DictConfig) -> dict:
     return diag
 
 
-def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
+def _init_distributed(device: torch.device, timeout: float | None = None) -> tuple[torch.device, bool]:
     """Join the process group torchrun / srun describe in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT): nccl on this rank's GPU cuda:LOCAL_RANK when `device` is CUDA, gloo otherwise.
+    MASTER_PORT): nccl on this rank's GPU cuda:LOCAL_RANK when `device` is CUDA, gloo otherwise. `timeout` (seconds,
+    the config's `timeout`): how long a collective waits for the other ranks before failing.
     Returns (this rank's device, whether this call created the group)."""
     import torch.distributed as dist
 
@@ -169,7 +170,10 @@ def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
         torch.cuda.set_device(device)
     if dist.is_initialized():
         return device, False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from datetime import timedelta
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=None if timeout is None else timedelta(seconds=float(timeout)))
     return device, True
 
 

@@ -1,4 +1,4 @@
-"""Nothing is lost on a kill (issue 7 items 4, 5, 8, 9): the default two-student recipe, killed with SIGKILL in either
+"""Nothing is lost on a kill (issue 7 items 4, 5, 7, 8, 9): the default two-student recipe, killed with SIGKILL in either
 student or stopped with SIGTERM, then resumed with the README's command, ends with the students and report of an
 uninterrupted run, bit for bit; a finished student's files never change again; a resume uses the run's own config;
 SIGTERM checkpoints and exits 143; a resumed W&B run continues the killed one.
@@ -25,7 +25,7 @@ import torch
 
 from fkdiff.distill import distill
 from fkdiff.recipes import compose
-from fkdiff.training import checkpoint_step
+from fkdiff.training import RunDirBusy, RunDirNotEmpty, checkpoint_step
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -45,10 +45,10 @@ def reference(tmp_path_factory) -> Path:
     return run
 
 
-def _start(run: Path, *extra: str) -> subprocess.Popen:
+def _start(run: Path, *extra: str, max_steps: int = MAX_STEPS) -> subprocess.Popen:
     log = open(run.parent / f"{run.name}.stderr", "w")
     return subprocess.Popen([sys.executable, "-m", "fkdiff.distill", *TINY2, f"run_dir={run}",
-                             f"distill.max_steps={MAX_STEPS}", *extra], cwd=ROOT, env=ENV,
+                             f"distill.max_steps={max_steps}", *extra], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=log)
 
 
@@ -107,7 +107,11 @@ def test_kill_in_the_first_student_then_the_readme_resume_finishes_both(tmp_path
     run = tmp_path / "run"
     proc = _start(run)
     step = _wait_for_checkpoint(proc, run, "ring8", 30)
-    _kill9(proc)
+    # item 7: a second run into the folder, fresh or resuming, is refused while the first one runs (they used to mix)
+    for extra in ([], ["distill.ckpt_path=last"]):
+        with pytest.raises(RunDirBusy, match=rf"run folder {run} is in use by process {proc.pid} on host"):
+            distill(compose(TINY2 + [f"run_dir={run}", f"distill.max_steps={MAX_STEPS}", *extra]))
+    _kill9(proc)  # the kernel frees the lock of a killed process: the resume below takes the folder over
     assert step < MAX_STEPS and not (run / "ring8" / "result.json").exists() and not (run / "strip").exists()
     res = _readme_resume(run)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -276,5 +280,35 @@ def test_a_resume_never_trains_past_the_run(tmp_path):
     run = tmp_path / "run"
     args = TINY2 + ["teacher.preset=[ring8]", "distill.eval.enabled=false"]
     distill(compose(args + [f"run_dir={run}", "distill.max_steps=6"]))
+    before = _snapshot(run)
+    with pytest.raises(RunDirNotEmpty, match=rf"run_dir {run} already holds a run .*distill.ckpt_path=last"):
+        distill(compose(args + [f"run_dir={run}", "distill.max_steps=6", "seed=1"]))  # item 7: a second fresh run
+    assert _snapshot(run) == before
     with pytest.raises(ConfigError, match=r"trained to step 6, past distill.max_steps=4"):
         distill(compose([f"run_dir={run}", "distill.ckpt_path=last", "distill.max_steps=4"]))
+
+
+# ------------------------------------------------------------------------------- a frozen rank (the timeout option)
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_fails_the_run_after_the_timeout(tmp_path):
+    """Item 10: a rank that stops (SIGSTOP of Lightning's DDP child process) used to stall the other rank silently
+    for the default 30 minutes; with `timeout=10` the run fails after ~10 s with an error naming the option, and the
+    frozen child does not outlive it."""
+    run = tmp_path / "run"
+    proc = _start(run, "teacher.preset=[ring8]", "distill.eval.enabled=false", "trainer.devices=2",
+                  "trainer.strategy=ddp", "timeout=10", "distill.checkpoint_every_n_steps=5", max_steps=100000)
+    _wait_for_checkpoint(proc, run, "ring8", 5, timeout=400)
+    children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    (child,) = [c for c in children if "fkdiff.distill" in Path(f"/proc/{c}/cmdline").read_text()]
+    os.kill(child, signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        code = proc.wait(timeout=240)
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    err = _stderr(run)
+    assert code != 0 and time.time() - t0 < 200, err[-3000:]
+    assert "waited longer than the process-group timeout (timeout=10 s)" in err and "raise the `timeout` option" in err

@@ -10,8 +10,8 @@
 - `AtomicCheckpointIO`: Lightning's `TorchCheckpointIO` writing each checkpoint atomically (`fkdiff.files`: a temporary
   file in the same folder, then `os.replace`; Lightning's own save stages the file in the system temp folder and
   *moves* it, which is a copy, not atomic, when that folder is on another disk).
-- `open_run`: the context manager of a training entry point: on the main process, lock, refuse a foreign folder, write
-  refuse a foreign folder; release the lock at the end.
+- `open_run`: the context manager of a training entry point: on the main process take the lock, refuse a folder
+  holding another run unless resuming (and require one when resuming `last`); release the lock at the end.
 """
 
 from __future__ import annotations

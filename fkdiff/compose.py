@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -39,7 +40,12 @@ from fkdiff.targets import energy_and_score as _energy_and_score
 from fkdiff.targets import score as _score
 
 __all__ = ["Composed", "Linear", "Product", "Mixture", "Negation", "Tempered", "Conditional", "Conditioned",
-           "product", "mixture", "negation", "tempered", "conditional", "conditioned", "OPERATORS", "parse"]
+           "product", "mixture", "negation", "tempered", "conditional", "conditioned", "OPERATORS", "parse",
+           "ImproperTargetWarning"]
+
+
+class ImproperTargetWarning(UserWarning):
+    """A composition whose density may have no normaliser (negation with alpha >= 1)."""
 
 
 def _check_targets(targets: Sequence[Any], op: str) -> list:
@@ -124,6 +130,7 @@ class Mixture(Composed):
             raise ValueError(f"mixture weights must have shape [{k}], got {tuple(w.shape)}")
         if (w < 0).any() or not (w.sum() > 0) or not torch.isfinite(w).all():
             raise ValueError("mixture weights must be finite, non-negative, with a positive sum")
+        w = w / w.max()  # first to [0, 1]: the sum of large finite weights (1e308 + 1e308) is inf
         self.weights = w / w.sum()
         self.log_weights = self.weights.log()
 
@@ -167,8 +174,13 @@ class Negation(Linear):
     """p_base / p_other^alpha: coefficients (1, -alpha) (Du et al. eq. 10)."""
 
     def __init__(self, base, other, alpha: float = 0.5):
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha}")
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"negation needs a finite alpha >= 0 (Du et al. use 0.5), got {alpha}; p_base * "
+                             f"p_other^|alpha| is product(base, tempered(other, |alpha|))")
+        if alpha >= 1:
+            warnings.warn(f"negation with alpha={alpha} >= 1: p_base / p_other^alpha is an improper target (no "
+                          f"normaliser: SMC samples run off to infinity and log Z is meaningless) unless p_base's tails "
+                          f"are lighter than p_other^alpha's; use alpha < 1", ImproperTargetWarning, stacklevel=3)
         self.alpha = float(alpha)
         super().__init__([base, other], [1.0, -self.alpha], "negation")
 
@@ -188,6 +200,9 @@ class Conditional(Linear):
     (unconditional, conditional models)."""
 
     def __init__(self, uncond, conds: Sequence[Any], weights=None):
+        if not isinstance(conds, (list, tuple)):
+            raise TypeError(f"conditional(uncond, conds): conds must be a list of the conditional models (e.g. "
+                            f"conditional(u, [c1, c2])), got a {type(conds).__name__}")
         conds = _check_targets(conds, "conditional")
         self.uncond = _check_targets([uncond], "conditional")[0]
         self.conds = tuple(conds)

@@ -147,6 +147,8 @@ def sigma_schedule(
     """EDM rho-schedule, decreasing from sigma_max to sigma_min (Karras et al. 2022, eq. 5). Shape `[num_steps(+1)]`."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not (rho > 0 and math.isfinite(rho)):
+        raise ValueError(f"rho (the schedule's exponent) must be positive and finite, got {rho}")
     if not (0 < sigma_min <= sigma_max):
         raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if num_steps == 1:

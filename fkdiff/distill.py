@@ -4,7 +4,7 @@
     python -m fkdiff.distill recipe=digits teacher.path=runs/digits-teacher/teacher.pt
     python -m fkdiff.distill distill.target=data distill.levels.weight=0   # the E-DSM baseline (target x_0)
     python -m fkdiff.distill distill.levels.weight=0          # the projection loss alone (no level term)
-    python -m fkdiff.distill run_dir=runs/toy2d distill.ckpt_path=last    # resume exactly
+    python -m fkdiff.distill run_dir=runs/toy2d distill.ckpt_path=last    # resume exactly (the run's own config)
     python -m fkdiff.distill trainer.devices=2 trainer.strategy=ddp      # DDP (gloo on CPU, nccl on GPUs)
     python -m fkdiff.distill --help                            # groups, recipes, key options
 
@@ -12,30 +12,43 @@
 (`fkdiff.training.build_datamodule_from_config`), the student (`fkdiff.energy.build_student`), the Lightning module
 (`fkdiff.distillation.DistillationModule`) and the trainer (`fkdiff.training.build_trainer`), trains, and writes into
 `run_dir`:
-    config.yaml                     the resolved config
+    config.yaml                     the resolved config (the base of a resume: `fkdiff.recipes.resume_config`)
+    .lock                           while running: the process that owns the folder (`fkdiff.training.RunLock`)
     <name>/checkpoints/last.ckpt    Lightning checkpoints (EMA weights in state_dict, optimizer, step, EMA state)
-    <name>/student.pt               the final EMA student, for `fkdiff.load_energy`
+    <name>/student.pt               the final EMA student (with a checksum of its weights), for `fkdiff.load_energy`
+    <name>/result.json              written last: the student is done (its step, evaluation, student.pt's hash)
+    <name>/logger.json              the W&B run id, so that a resume continues the same W&B run
     <name>/plots/                   validation plots (exp(-E) + ODE samples, or image grids)
     <name>/wandb/ | <name>/csv/     logger files (W&B offline by default)
     densities.png, report.json      toy2d: learnt exp(-E) beside the true densities; errors per sigma bucket;
                                     energy-level diagnostics (fkdiff.distillation.level_report); toy2d: the
                                     students' product at sigma_min by quadrature (fkdiff.levels.product_check_2d)
 `<name>` is the teacher's preset for analytic teachers (one student per preset of `teacher.preset`), else `student`.
+
+Resume and preemption (README "Resume and preemption"). A run that does not resume refuses a folder holding another
+run, and two processes never share one (the lock). With `distill.ckpt_path=last` every student is, in order, left
+alone when done (`result.json` at this max_steps, `student.pt` intact: its files never change again), finalised
+from its checkpoint when that is at max_steps, resumed from its newest checkpoint, or started; the run's own saved
+config is used. Every file is written atomically, so a kill -9 at any point, then the same resume command, ends
+with the students and report of an uninterrupted run. SIGTERM writes a checkpoint at the end of the current step and
+exits with status 143.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN
+from fkdiff.files import load_torch_file
 
-__all__ = ["distill", "build_loss", "main", "StudentRun"]
+__all__ = ["distill", "build_loss", "main", "StudentRun", "RESULT"]
+
+RESULT = "result.json"  # <run_dir>/<name>/result.json: written last, marks a student as done
 
 
 class StudentRun(dict):
@@ -130,20 +143,83 @@ def _sigma_range(cfg: DictConfig, teacher) -> tuple[float, float] | None:
     return (float(lo), float(hi)) if mode == "teacher" and lo is not None and hi is not None else None
 
 
+def _plain(value) -> Any:
+    """JSON-able copy of an evaluation result (tensors / numpy numbers to floats)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _finished(sub: Path, max_steps: int) -> dict | None:
+    """The result of a student that is done at `max_steps`: its `result.json` (written last, after `student.pt`) with
+    the same step, and a `student.pt` whose bytes are the ones it records. None when the student is not done."""
+    from fkdiff.training import ConfigError
+
+    try:
+        result = json.loads((sub / RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+    if int(result.get("step", -1)) > max_steps:
+        raise ConfigError(f"student {sub.name} in {sub.parent} was trained to step {result['step']}, past "
+                          f"distill.max_steps={max_steps}; a resumed run never trains past (or back from) its own "
+                          f"max_steps. Give distill.max_steps>={result['step']} or start a new run_dir.")
+    student = sub / "student.pt"
+    if int(result.get("step", -1)) != max_steps or not student.is_file():
+        return None
+    return result if _file_sha256(student) == result.get("student_sha256") else None
+
+
+def _checkpoint_to_resume(ckpt_path: str | None, sub: Path) -> tuple[str, int] | None:
+    from fkdiff.training import explicit_checkpoint_step, newest_checkpoint
+
+    if ckpt_path in (None, "", "null", "none"):
+        return None
+    if ckpt_path == "last":
+        found = newest_checkpoint(sub)
+        return (str(found[0]), found[1]) if found else None
+    return str(ckpt_path), explicit_checkpoint_step(ckpt_path, "distill.ckpt_path")
+
+
 def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run_dir: Path) -> StudentRun:
+    """One student: left alone when done, finalised from its checkpoint when that is at max_steps, else trained
+    (resumed from its newest checkpoint when resuming and one exists, started otherwise)."""
     import lightning.pytorch as pl
 
-    from fkdiff.distillation import (DistillationModule, SamplePlots, denoiser_error_by_bucket,
-                                      energy_gap_error_by_bucket)
-    from fkdiff.energy import save_student
-    from fkdiff.seeding import seeded_generator
-    from fkdiff.training import build_logger, build_trainer, finish_logger, resolve_ckpt_path
+    from fkdiff.distillation import DistillationModule, SamplePlots
+    from fkdiff.training import ConfigError, Preempted, build_logger, build_trainer, finish_logger, fit
+    from fkdiff.training.rundir import is_main_process
 
     dcfg = cfg.distill
+    sub = run_dir / name
+    max_steps = int(trainer_cfg["max_steps"])
+    done = _finished(sub, max_steps)
+    if done is not None:  # a finished student is never touched again
+        return _run_from_result(done, name, teacher, sub)
+    resume = _checkpoint_to_resume(dcfg.get("ckpt_path"), sub)
+    if resume is not None and resume[1] > max_steps:
+        raise ConfigError(f"student {name}: its checkpoint {resume[0]} is at step {resume[1]}, past "
+                          f"distill.max_steps={max_steps}; give distill.max_steps>={resume[1]} or start a new run_dir.")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the student's initial weights
     dm.setup("fit")
     student, warm, conditional = _build_student(cfg, teacher, dm)
-    sub = run_dir / name
+    if resume is not None and resume[1] == max_steps:
+        # trained to the end but not finalised (killed in between): the checkpoint's state_dict holds the final EMA
+        # weights, which is exactly what the end of training puts into the student
+        ckpt = load_torch_file(resume[0], "Lightning checkpoint")
+        student.load_state_dict({k[len("student."):]: v for k, v in ckpt["state_dict"].items()
+                                 if k.startswith("student.")})
+        return _finalise(cfg, name, student, teacher, warm, resume[1], sub, dm) if is_main_process() else StudentRun(
+            name=name, student=student, teacher=teacher, run_dir=str(sub), step=resume[1])
     loss = build_loss(dcfg, student.sigma_data, sigma_range=_sigma_range(cfg, teacher))
     module = DistillationModule(
         student, teacher, loss, lr=float(dcfg.lr), betas=tuple(dcfg.betas), weight_decay=float(dcfg.weight_decay),
@@ -160,29 +236,70 @@ def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run
                              num_samples=plot.get("num_samples"), lim=plot.get("lim"), sigma=plot.get("sigma"),
                              grid=plot.get("grid"))] if plot.get("enabled", True) else []
     logger = build_logger(cfg.logger, sub, name=f"distill-{cfg.data.name}-{name}", config=_container(cfg))
+    timeout = cfg.get("timeout")
     trainer = build_trainer(tr, sub, logger=logger, callbacks=callbacks, ema_decay=dcfg.get("ema_decay"),
-                            checkpoint_every_n_steps=dcfg.get("checkpoint_every_n_steps"))
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(dcfg.get("ckpt_path"), sub),
-                weights_only=True)  # resume never unpickles code (any torch version)
+                            checkpoint_every_n_steps=dcfg.get("checkpoint_every_n_steps"), timeout=timeout)
+    try:
+        fit(trainer, module, dm, resume[0] if resume else None, timeout=timeout,
+            resume_hint=f"python -m fkdiff.distill run_dir={run_dir} distill.ckpt_path=last")
+    except Preempted:
+        finish_logger(logger, exit_code=Preempted.code)
+        raise
+    except BaseException:
+        finish_logger(logger, exit_code=1)
+        raise
     finish_logger(logger)
-    result = StudentRun(name=name, student=student, teacher=teacher, run_dir=str(sub), warm_start=warm,
-                        step=int(trainer.global_step), checkpoint=str(sub / "checkpoints" / "last.ckpt"))
     if not trainer.is_global_zero:
-        return result
+        return StudentRun(name=name, student=student, teacher=teacher, run_dir=str(sub), warm_start=warm,
+                          step=int(trainer.global_step))
+    return _finalise(cfg, name, student, teacher, warm, int(trainer.global_step), sub, dm)
+
+
+def _finalise(cfg: DictConfig, name: str, student, teacher, warm: bool, step: int, sub: Path, dm) -> StudentRun:
+    """Write `student.pt`, evaluate the student against an analytic teacher, then write `result.json` (the mark that
+    the student is done). Every file is written atomically, in this order, so a kill at any point is harmless."""
+    from fkdiff.distillation import denoiser_error_by_bucket, energy_gap_error_by_bucket
+    from fkdiff.energy import load_energy, save_student
+    from fkdiff.files import atomic_write_json
+    from fkdiff.seeding import seeded_generator
+
+    dcfg = cfg.distill
     student.eval()
-    result["student_path"] = str(save_student(student, sub / "student.pt", step=int(trainer.global_step),
-                                              teacher=_container(cfg.teacher), name=name))
+    path = save_student(student, sub / "student.pt", step=step, teacher=_container(cfg.teacher), name=name)
+    # evaluate the student as written (the in-memory one can differ in non-persistent buffers: EMAWeightAveraging
+    # averages buffers too, so a constant such as the noise embedding's frequencies drifts by an ulp)
+    student = load_energy(path, teacher=_module_or_none(teacher))
+    result = {"name": name, "step": step, "warm_start": warm, "student_sha256": _file_sha256(path)}
     ev = _container(dcfg.get("eval")) or {}
     if ev.get("enabled", True) and getattr(teacher, "sample", None) is not None:
         # analytic teacher: its denoiser is exact, so this is the student's excess error over the optimum
         g = seeded_generator(int(cfg.seed), stream="eval")
         x0 = teacher.sample(int(ev.get("num_samples", 4096)), generator=g).float()
-        result["errors"] = denoiser_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g)
+        result["errors"] = _plain(denoiser_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g))
         if callable(getattr(teacher, "energy", None)):
-            result["energy_errors"] = energy_gap_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g)
+            result["energy_errors"] = _plain(
+                energy_gap_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g))
     if ev.get("enabled", True) and teacher is not None and int(ev.get("level_samples") or 0) > 0:
-        result["levels"] = _level_report(student, teacher, ev, list(dcfg.sigma_buckets), dm, int(cfg.seed))
-    return result
+        result["levels"] = _plain(_level_report(student, teacher, ev, list(dcfg.sigma_buckets), dm, int(cfg.seed)))
+    atomic_write_json(sub / RESULT, result)
+    return _run_from_result(result, name, teacher, sub, student)
+
+
+def _module_or_none(teacher):
+    """The teacher as `load_energy(teacher=...)` takes it: a student over a copy of an unregistered teacher network
+    ("external", `fkdiff.energy.student_from_teacher`) is rebuilt from that module; others ignore it."""
+    return teacher if isinstance(teacher, torch.nn.Module) else None
+
+
+def _run_from_result(result: dict, name: str, teacher, sub: Path, student=None) -> StudentRun:
+    from fkdiff.energy import load_energy
+
+    run = StudentRun(name=name, teacher=teacher, run_dir=str(sub), student_path=str(sub / "student.pt"),
+                     checkpoint=str(sub / "checkpoints" / "last.ckpt"),
+                     student=student if student is not None else load_energy(
+                         sub / "student.pt", teacher=_module_or_none(teacher)))
+    run.update({k: result[k] for k in ("step", "warm_start", "errors", "energy_errors", "levels") if k in result})
+    return run
 
 
 def build_loss(dcfg: Mapping, sigma_data: float, sigma_range: tuple[float, float] | None = None):
@@ -220,35 +337,50 @@ def _level_report(student, teacher, ev: Mapping, edges: list, dm, seed: int) -> 
 def distill(cfg: DictConfig) -> list[StudentRun]:
     """Distil every student the config asks for; returns one `StudentRun` per student (see module docstring)."""
     from fkdiff.distillation import plot_densities
-    from fkdiff.training import save_config, task_trainer_config
+    from fkdiff.files import atomic_write_json
+    from fkdiff.training import ConfigError, default_checkpoint_interval, open_run, save_config, task_trainer_config
+    from fkdiff.training.rundir import is_main_process
 
     torch.set_float32_matmul_precision("high")
     trainer_cfg = task_trainer_config(cfg, "distill")  # one knob per setting: fails before anything runs
+    if cfg.distill.get("checkpoint_every_n_steps") is None:  # fixed now, saved with the config, kept on resume
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.distill.checkpoint_every_n_steps = default_checkpoint_interval(trainer_cfg["max_steps"])
     if cfg.distill.get("num_threads"):
         torch.set_num_threads(int(cfg.distill.num_threads))
     run_dir = Path(str(cfg.run_dir)).absolute()
+    ckpt_path = cfg.distill.get("ckpt_path")
+    resume = ckpt_path not in (None, "", "null", "none")
     jobs = _jobs(cfg)  # loads the teachers: a missing one fails before the run folder is written
-    rank0 = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
-    if rank0:
-        save_config(cfg, run_dir)
-    runs = [_distill_one(cfg, trainer_cfg, name, teacher, dm, run_dir) for name, teacher, dm in jobs]
-    if not rank0 or not runs or "student_path" not in runs[0]:
-        return runs
-    report = {"run_dir": str(run_dir), "students": {}}
-    for r in runs:
-        keys = ("student_path", "checkpoint", "step", "warm_start", "errors", "energy_errors", "levels")
-        report["students"][r["name"]] = {k: r[k] for k in keys if k in r}
-    comp = (_container(cfg.distill.get("eval")) or {}).get("composition")
-    if comp and len(runs) == 2 and all(_analytic_2d(r) for r in runs):
-        from fkdiff.levels import product_check_2d
+    if resume and ckpt_path != "last" and len(jobs) > 1:
+        raise ConfigError(f"distill.ckpt_path={ckpt_path}: this run distils {len(jobs)} students "
+                          f"({', '.join(j[0] for j in jobs)}), each with its own checkpoints; resume them all with "
+                          f"distill.ckpt_path=last")
+    with open_run(run_dir, resume=str(ckpt_path) if resume else None, resume_key="distill.ckpt_path",
+                  what="fkdiff.distill run"):
+        if is_main_process():
+            save_config(cfg, run_dir, ckpt_key="distill.ckpt_path")
+        runs = [_distill_one(cfg, trainer_cfg, name, teacher, dm, run_dir) for name, teacher, dm in jobs]
+        if not is_main_process() or not runs or "student_path" not in runs[0]:
+            return runs
+        report = {"run_dir": str(run_dir), "students": {}}
+        for r in runs:
+            keys = ("student_path", "checkpoint", "step", "warm_start", "errors", "energy_errors", "levels")
+            report["students"][r["name"]] = {k: r[k] for k in keys if k in r}
+        comp = (_container(cfg.distill.get("eval")) or {}).get("composition")
+        if comp and len(runs) == 2 and all(_analytic_2d(r) for r in runs):
+            from fkdiff.levels import product_check_2d
 
-        report["composition"] = product_check_2d([r["student"] for r in runs], [r["teacher"] for r in runs],
-                                                 float(comp.get("sigma", SIGMA_MIN)), h=float(comp.get("h", 0.005)))
-    if all(tuple(r["student"].event_shape) == (2,) and callable(getattr(r["teacher"], "energy", None)) for r in runs):
-        rows = [(r["name"], r["teacher"], r["student"]) for r in runs]
-        report["densities"] = str(plot_densities(rows, run_dir / "densities.png", float(cfg.distill.plot.sigma),
-                                                 float(cfg.distill.plot.lim)))
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+            report["composition"] = product_check_2d([r["student"] for r in runs], [r["teacher"] for r in runs],
+                                                     float(comp.get("sigma", SIGMA_MIN)),
+                                                     h=float(comp.get("h", 0.005)))
+        if all(tuple(r["student"].event_shape) == (2,) and callable(getattr(r["teacher"], "energy", None))
+               for r in runs):
+            rows = [(r["name"], r["teacher"], r["student"]) for r in runs]
+            report["densities"] = str(plot_densities(rows, run_dir / "densities.png", float(cfg.distill.plot.sigma),
+                                                     float(cfg.distill.plot.lim)))
+        atomic_write_json(run_dir / "report.json", report)
     _print_report(report)
     return runs
 

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, checked_sigma, edm_precond
+from fkdiff.files import CorruptFileError, atomic_torch_save, load_torch_file, verify_checksum, weights_checksum
 from fkdiff.nets import build_backbone
 
 __all__ = ["G_KINDS", "FORMAT", "PRECISIONS", "EnergyStudent", "DenoiserNet", "build_student", "student_from_teacher",
@@ -377,14 +378,13 @@ def warm_start_from(student: EnergyStudent, teacher: Any, strict: bool = False) 
 
 
 def save_student(student: EnergyStudent, path: str | Path, **extra: Any) -> Path:
-    """Write a student's config and weights as a plain dict (loadable with `torch.load(weights_only=True)`)."""
+    """Write a student's config, weights and their checksum as a plain dict (loadable with
+    `torch.load(weights_only=True)`), atomically: a kill leaves the old file or the new one (`fkdiff.files`)."""
     if student.config is None:
         raise TypeError("save_student needs a student made by fkdiff.energy.build_student (it records its config)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
-    torch.save({"format": FORMAT, "config": dict(student.config), "state_dict": state, **extra}, path)
-    return path
+    return atomic_torch_save({"format": FORMAT, "config": dict(student.config), "state_dict": state,
+                              "checksum": weights_checksum(state), **extra}, path)
 
 
 def _find_student_file(path: Path, name: str | None) -> Path:
@@ -416,19 +416,29 @@ def load_energy(path: str | Path, device: torch.device | str | None = None, name
     run folder (`name` picks one student when the folder holds several, e.g. toy2d's ring8 / strip).
     `teacher`: only for a student over a copy of a teacher whose architecture is not recorded ("external", see
     `student_from_teacher`): that teacher's module, loaded by you (with your own opt-ins).
+    The file is read weights-only (no code runs); a `student.pt`'s weights must match the checksum stored with them,
+    and a damaged file is an error naming it (`fkdiff.files.CorruptFileError` / `ChecksumError`).
     The result has `energy(x, sigma)`, `score(x, sigma)` and `__call__(x, sigma)` (the denoiser).
     """
     file = _find_student_file(Path(path), name)
-    data = torch.load(file, map_location="cpu", weights_only=True)
+    data = load_torch_file(file, "student checkpoint")
     if not isinstance(data, Mapping):
-        raise ValueError(f"{file} is not a student checkpoint")
+        raise CorruptFileError(f"{file} is not a student checkpoint (it holds a {type(data).__name__}, not a dict)")
     if data.get("format") == FORMAT:
+        missing = [k for k in ("config", "state_dict") if k not in data]
+        if missing:
+            raise CorruptFileError(f"{file} is a {FORMAT} file without {', '.join(missing)}: damaged or hand-made")
         config, state = data["config"], data["state_dict"]
+        verify_checksum(state, data.get("checksum"), file, "student checkpoint")
     elif "fkdiff_student" in data and "state_dict" in data:
         config = data["fkdiff_student"]["config"]
         state = {k[len("student."):]: v for k, v in data["state_dict"].items() if k.startswith("student.")}
     else:
-        raise ValueError(f"{file} is neither a student.pt ({FORMAT}) nor a fkdiff.distill Lightning checkpoint")
+        raise CorruptFileError(f"{file} is neither a student.pt ({FORMAT}) nor a fkdiff.distill Lightning checkpoint "
+                               f"(its keys: {', '.join(map(str, list(data)[:8]))})")
     student = build_student(**config, teacher=teacher)
-    student.load_state_dict(state)
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as e:
+        raise CorruptFileError(f"{file}: its weights do not fit the network its config describes: {e}") from None
     return student.to(device).eval().requires_grad_(False)

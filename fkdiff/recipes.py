@@ -16,7 +16,15 @@ Before composing, `register()` stores in Hydra's ConfigStore
 
 `main(task_fn, task=...)` runs `task_fn(cfg)` under `hydra.main` with a primary config that sets `task` (no change to
 `sys.argv`), takes the run folder from Hydra (so DDP children launched by Lightning share it), and removes the run
-folder of a failed run when it holds nothing but Hydra's and the run's bookkeeping files.
+folder of a failed run when it holds nothing but Hydra's and the run's bookkeeping files (never a folder that another
+run owns).
+
+Resume (`run_dir=<run> distill.ckpt_path=last`, or `train_teacher.ckpt_path=...`): `resume_config` makes the run's own
+saved `<run_dir>/config.yaml` the config, with only the keys the command line gives put on top, so a resume trains
+the same model for the same number of steps with the same checkpoint interval as the run it continues, whatever the
+recipe defaults are today. A config group given on the command line (`recipe=`, `data=`, `teacher=`) must select what
+the run already uses (its `data.name` / `teacher.kind`; the run's own values stay), `logger=` may switch the logger.
+`compose` and `main` both apply it.
 """
 
 from __future__ import annotations
@@ -32,12 +40,13 @@ from typing import Callable, Iterable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["recipes_dir", "available_recipes", "register", "register_recipes", "compose", "main", "run_task",
-           "UnknownRecipeError", "DropLoggers", "ALIAS_GROUPS"]
+           "resume_config", "UnknownRecipeError", "DropLoggers", "ALIAS_GROUPS", "RESUMABLE_TASKS"]
 
 CONFIG_MODULE = "fkdiff.conf"
 CONFIG_NAME = "config"
 ALIAS_GROUPS = ("teacher", "logger")  # <group>.kind=<option> selects <group>=<option>
-_BOOKKEEPING = {".hydra", "config.yaml"}  # besides *.log: what a run writes before it has results
+_BOOKKEEPING = {".hydra", "config.yaml", ".lock"}  # besides *.log: what a run writes before it has results
+RESUMABLE_TASKS = ("distill", "train_teacher")  # <task>.ckpt_path resumes the run in run_dir
 
 
 class UnknownRecipeError(KeyError):
@@ -130,7 +139,84 @@ def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> Di
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=overrides)
-    return cfg
+    return resume_config(cfg, overrides)
+
+
+def _resume_requested(cfg: DictConfig) -> bool:
+    task = cfg.get("task")
+    if task not in RESUMABLE_TASKS:
+        return False
+    return OmegaConf.select(cfg, f"{task}.ckpt_path") not in (None, "", "null", "none")
+
+
+def _group_sections() -> dict[str, str]:
+    """Command-line config-group keys -> the config section they fill (`recipe` fills the whole config: "")."""
+    out = {"recipe": ""}
+    for group in ("data", *ALIAS_GROUPS):
+        out[group] = group
+        out[f"{group}.kind"] = group
+    return out
+
+
+# what identifies a config group's option in a resolved config (`recipe`: the data and teacher it picks)
+_GROUP_IDENTITY = {"": ("data.name", "teacher.kind"), "data": ("data.name",), "teacher": ("teacher.kind",)}
+
+
+def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The config of a resumed run: `<run_dir>/config.yaml` with the command line's value overrides on top (module
+    docstring). Returns `cfg` unchanged when it does not resume (`<task>.ckpt_path` unset) or when `run_dir` holds no
+    saved config yet (a run killed before it wrote one starts afresh)."""
+    if not _resume_requested(cfg):
+        return cfg
+    saved_path = Path(str(cfg.run_dir)) / "config.yaml"
+    if not saved_path.is_file():
+        return cfg
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fkdiff.training.trainer import TASK_KNOBS, ConfigError
+
+    saved = OmegaConf.load(saved_path)
+    groups, values = _group_sections(), []
+    chosen_groups = []
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.key_or_group
+        if key.startswith("hydra.") or key == "hydra":
+            continue
+        if o.is_delete():
+            raise ConfigError(f"~{key}: deleting a key is not possible when resuming a run (run_dir={cfg.run_dir})")
+        (chosen_groups if key in groups and o.package is None else values).append(key)
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    plain = OmegaConf.create(composed)
+    changed = []
+    for key in values:
+        new = OmegaConf.select(plain, key)
+        old = OmegaConf.select(saved, key, default="<absent>")
+        OmegaConf.update(saved, key, new, force_add=True, merge=False)
+        if key not in ("run_dir", f"{cfg.task}.ckpt_path") and old != OmegaConf.select(saved, key):
+            changed.append(f"{key}: {old} -> {OmegaConf.select(saved, key)}")
+    saved.run_dir = str(cfg.run_dir)
+    raw_trainer = OmegaConf.to_container(cfg.trainer, resolve=False)
+    for key in TASK_KNOBS:  # trainer.max_steps etc. follow the task's knob again (config.yaml holds resolved values)
+        if key in cfg.trainer and OmegaConf.is_interpolation(cfg.trainer, key):
+            saved.trainer[key] = raw_trainer[key]
+    for key in chosen_groups:
+        section = groups[key]
+        if section == "logger":  # the logger does not change what is trained: switching it on resume is allowed
+            saved.logger = plain.logger
+            continue
+        ids = _GROUP_IDENTITY.get(section, _GROUP_IDENTITY[""])
+        diff = [k for k in ids if OmegaConf.select(plain, k) != OmegaConf.select(saved, k)]
+        if diff:
+            shown = "; ".join(f"{k}: the run has {OmegaConf.select(saved, k)!r}, {key}=... gives "
+                              f"{OmegaConf.select(plain, k)!r}" for k in diff)
+            raise ConfigError(
+                f"resuming {cfg.run_dir}: {key}=... selects another {section or 'recipe'} than the run's ({shown}). A "
+                f"resumed run keeps its saved config.yaml (the command line's key=value overrides go on top); drop "
+                f"{key}=..., or start a new run in another run_dir.")
+    if changed and _is_rank_zero():
+        print(f"resuming {cfg.run_dir} with its saved config; changed on the command line: " + ", ".join(changed))
+    OmegaConf.set_struct(saved, True)
+    return saved
 
 
 def _entry_config(task: str, base: str) -> str:
@@ -164,16 +250,22 @@ def run_task(task_fn: Callable[[DictConfig], object], cfg: DictConfig):
     results (`remove_if_no_results`)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from fkdiff.training.rundir import RunDirBusy, RunDirNotEmpty
+
     if HydraConfig.initialized():
         # under DDP Lightning relaunches the script with hydra.run.dir fixed: a `${now:...}` run_dir would resolve to
         # another folder in the child processes
         OmegaConf.set_struct(cfg, False)
         cfg.run_dir = str(HydraConfig.get().run.dir)
         OmegaConf.set_struct(cfg, True)
+        cfg = resume_config(cfg, HydraConfig.get().overrides.task)
     try:
         return task_fn(cfg)
+    except (RunDirBusy, RunDirNotEmpty):
+        raise  # the folder belongs to another run: never clean it up
     except BaseException:
-        if _is_rank_zero():
+        resumed_run = _resume_requested(cfg) and (Path(str(cfg.run_dir)) / "config.yaml").is_file()
+        if _is_rank_zero() and not resumed_run:  # a failed resume keeps the run it was resuming
             remove_if_no_results(cfg.run_dir)
         raise
 

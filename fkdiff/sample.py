@@ -23,8 +23,10 @@ This module only wires library parts together:
   none; fkdiff/conf/sample/mcmc/*.yaml);
 - the figures: `fkdiff.plotting`.
 
-Writes to the run folder: `config.yaml`, `samples.pt` (samples, log-weights, equally weighted resample),
-`diagnostics.json` (log Z with its standard error, and every per-level diagnostic of `fkdiff.smc.COLLECTORS`),
+Writes to the run folder (each file atomically: a kill leaves no torn file), `config.yaml`, `samples.pt` (samples,
+log-weights, equally weighted resample), then the figures, and last `diagnostics.json` (log Z with its standard error,
+and every per-level diagnostic of `fkdiff.smc.COLLECTORS`): a folder without it is incomplete (an interrupted run),
+whatever else it holds. The figures are
 `samples.png` (2D: weighted particles over the target density exp(-E(x, sigma_min)), beside naive reverse
 diffusion; images: a grid) and `diagnostics.png` (ESS, unique ancestors and acceptance per level). The naive
 sampler's points are saved too (`samples.pt["reverse_diffusion"]`, 2D with `sample.compare_reverse_diffusion`).
@@ -57,11 +59,14 @@ from omegaconf import DictConfig, OmegaConf
 from fkdiff import compose, mcmc, plotting, samplers, smc
 from fkdiff.compose import Conditioned  # noqa: F401  (re-exported: the earlier home of these names)
 from fkdiff.compose import parse as parse_expression
+from fkdiff.files import atomic_torch_save, atomic_write_text
 from fkdiff.mcmc import build as build_mcmc
 from fkdiff.models import infer_shape, load_model, use_students
 from fkdiff.smc import potentials as P
 
-__all__ = ["run", "load_model", "use_students", "parse_expression", "build_mcmc", "Conditioned"]
+__all__ = ["run", "load_model", "use_students", "parse_expression", "build_mcmc", "Conditioned", "DONE"]
+
+DONE = "diagnostics.json"  # written last: a run folder without it is incomplete
 
 
 def _potential_specs(opt: dict) -> dict:
@@ -100,12 +105,13 @@ def run(cfg: DictConfig) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     owns_group = False
     if world_size > 1:
-        device, owns_group = _init_distributed(device)
+        device, owns_group = _init_distributed(device, cfg.get("timeout"))
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_dir = Path(cfg.run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / DONE).unlink(missing_ok=True)  # written last: its absence marks the folder incomplete
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if not opt.get("models"):
         raise ValueError("sample.models is empty: name at least one model (see `python -m fkdiff.sample --help`)")
     specs = use_students(opt["models"], opt.get("students")) if opt.get("students") else opt["models"]
@@ -117,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     population = smc.distributed.ShardedPopulation(island=bool(opt["island"])) if world_size > 1 else None
     result = smc.sample(
-        target, int(opt["num_particles"]), shape=shape, num_levels=num_levels, sigma_max=float(opt["sigma_max"]),
+        target, opt["num_particles"], shape=shape, num_levels=num_levels, sigma_max=float(opt["sigma_max"]),
         sigma_min=float(opt["sigma_min"]), proposal=proposal, mode=opt["mode"],
         potentials=[P.build(spec) for spec in _potential_specs(opt).values()], mcmc=mcmc.build(opt.get("mcmc")),
         resample=opt["resample"], ess_threshold=float(opt["ess_threshold"]), final_denoise=bool(opt["final_denoise"]),
@@ -141,12 +147,11 @@ def run(cfg: DictConfig) -> dict:
     baseline = None
     if opt["compare_reverse_diffusion"] and shape == (2,):  # the naive summed-score sampler on the same levels
         baseline = samplers.reverse_diffusion(
-            target, int(opt["num_particles"]), shape=shape, num_levels=num_levels, sigma_max=float(opt["sigma_max"]),
+            target, opt["num_particles"], shape=shape, num_levels=num_levels, sigma_max=float(opt["sigma_max"]),
             sigma_min=float(opt["sigma_min"]), device=device, max_batch=opt.get("max_batch"),
             generator=torch.Generator(device=device).manual_seed(int(cfg.seed) + 1))
         saved["reverse_diffusion"] = baseline.samples.cpu()
-    torch.save(saved, run_dir / "samples.pt")
-    (run_dir / "diagnostics.json").write_text(json.dumps(_jsonable(diag), indent=2))
+    atomic_torch_save(saved, run_dir / "samples.pt")
     if opt["plot"]["enabled"]:
         fig = plotting.samples_figure(target, equal, sigma=float(opt["sigma_min"]), lim=float(opt["plot"]["lim"]),
                                       others=None if baseline is None else {"naive reverse diffusion": baseline.samples},
@@ -154,13 +159,15 @@ def run(cfg: DictConfig) -> dict:
         if fig is not None:
             plotting.save(fig, run_dir / "samples.png")
         plotting.save(plotting.diagnostics_figure(result), run_dir / "diagnostics.png")
+    atomic_write_text(run_dir / DONE, json.dumps(_jsonable(diag), indent=2))  # last: the folder is complete
     print(f"[fkdiff.sample] {opt['target']}: {result.report()}, results in {run_dir}")
     return diag
 
 
-def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
+def _init_distributed(device: torch.device, timeout: float | None = None) -> tuple[torch.device, bool]:
     """Join the process group torchrun / srun describe in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT): nccl on this rank's GPU cuda:LOCAL_RANK when `device` is CUDA, gloo otherwise.
+    MASTER_PORT): nccl on this rank's GPU cuda:LOCAL_RANK when `device` is CUDA, gloo otherwise. `timeout` (seconds,
+    the config's `timeout`): how long a collective waits for the other ranks before failing.
     Returns (this rank's device, whether this call created the group)."""
     import torch.distributed as dist
 
@@ -169,7 +176,10 @@ def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
         torch.cuda.set_device(device)
     if dist.is_initialized():
         return device, False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from datetime import timedelta
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=None if timeout is None else timedelta(seconds=float(timeout)))
     return device, True
 
 

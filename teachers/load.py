@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fkdiff.files import CorruptFileError, atomic_torch_save, load_torch_file, verify_checksum, weights_checksum
 from teachers.edm import EDMDenoiser
 
 __all__ = ["FORMAT", "TEACHER_KINDS", "teacher_kind", "save_teacher", "load_teacher", "load_teacher_checkpoint",
@@ -39,15 +40,14 @@ _HOW_TO_TRAIN = ("train one with `python -m teachers.train recipe=<name>` (it wr
 
 
 def save_teacher(denoiser: EDMDenoiser, path: str | Path, **extra: Any) -> Path:
-    """Write `denoiser`'s spec and weights to `path` (extra plain-data entries, e.g. step, config, are stored too)."""
+    """Write `denoiser`'s spec, weights and their checksum to `path`, atomically (extra plain-data entries, e.g. step,
+    config, are stored too)."""
     if not isinstance(denoiser, EDMDenoiser) or denoiser.spec is None:
         raise TypeError("save_teacher needs an EDMDenoiser built with EDMDenoiser.build / from_spec (it records the "
                         "spec needed to rebuild the network)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in denoiser.state_dict().items()}
-    torch.save({"format": FORMAT, "spec": dict(denoiser.spec), "state_dict": state, **extra}, path)
-    return path
+    return atomic_torch_save({"format": FORMAT, "spec": dict(denoiser.spec), "state_dict": state,
+                              "checksum": weights_checksum(state), **extra}, path)
 
 
 def _missing(path: Path, what: str = "teacher checkpoint") -> FileNotFoundError:
@@ -63,20 +63,32 @@ def load_teacher_checkpoint(path: str | Path, device: torch.device | str | None 
         path = path / "teacher.pt"
     if not path.is_file():
         raise _missing(path)
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_torch_file(path, "teacher checkpoint")
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path} is not a teacher checkpoint (got a {type(data).__name__})")
+        raise CorruptFileError(f"{path} is not a teacher checkpoint (it holds a {type(data).__name__}, not a dict)")
     if data.get("format") == FORMAT:
+        missing = [k for k in ("spec", "state_dict") if k not in data]
+        if missing:
+            raise CorruptFileError(f"{path} is a {FORMAT} file without {' and '.join(missing)}: damaged or hand-made "
+                                   f"(save_teacher writes spec, state_dict and checksum)")
         spec, state = data["spec"], data["state_dict"]
+        verify_checksum(state, data.get("checksum"), path, "teacher checkpoint")
     elif "hyper_parameters" in data and "spec" in (data["hyper_parameters"] or {}):
         # a Lightning checkpoint from teachers.train: EMAWeightAveraging stores the averaged weights in state_dict
         spec = data["hyper_parameters"]["spec"]
         prefix = "denoiser."
-        state = {k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: v for k, v in data.get("state_dict", {}).items() if k.startswith(prefix)}
     else:
-        raise ValueError(f"{path} is neither a teacher.pt ({FORMAT}) nor a teachers.train Lightning checkpoint")
-    denoiser = EDMDenoiser.from_spec(spec)
-    denoiser.load_state_dict(state)
+        raise CorruptFileError(f"{path} is neither a teacher.pt ({FORMAT}) nor a teachers.train Lightning checkpoint "
+                               f"(its keys: {', '.join(map(str, list(data)[:8]))})")
+    try:
+        denoiser = EDMDenoiser.from_spec(spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptFileError(f"{path}: its spec cannot rebuild the teacher's network: {e}") from None
+    try:
+        denoiser.load_state_dict(state)
+    except RuntimeError as e:
+        raise CorruptFileError(f"{path}: its weights do not fit the network its spec describes: {e}") from None
     return denoiser.to(device).eval().requires_grad_(False)
 
 

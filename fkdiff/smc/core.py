@@ -458,7 +458,9 @@ def run_smc(
     `log_weights` are this process's rows (normalised over all N) and every diagnostic is global.
     """
     pop = LOCAL if population is None else population
-    n = int(num_particles)
+    from fkdiff.smc.diffusion_fk import _whole
+
+    n = _whole(num_particles, "num_particles")
     if n < 2:
         raise ValueError(f"num_particles must be >= 2, got {num_particles}")
     if not (0.0 <= ess_threshold) or math.isnan(ess_threshold):

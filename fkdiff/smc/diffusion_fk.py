@@ -68,7 +68,11 @@ def noise_levels(num_levels: int | None = None, sigma_max: float | None = None, 
     if sigmas is None:
         if num_levels is None or sigma_max is None or sigma_min is None:
             raise ValueError("give num_levels, sigma_max and sigma_min, or the noise levels `sigmas`")
-        return sigma_schedule(int(num_levels), float(sigma_min), float(sigma_max), rho=rho, dtype=torch.float64)
+        levels = _whole(num_levels, "num_levels")
+        if levels < 2 and float(sigma_min) != float(sigma_max):
+            raise ValueError(f"num_levels={levels}: one level cannot go from sigma_max={sigma_max} down to "
+                             f"sigma_min={sigma_min} (it would return D(x, sigma_max)); give num_levels >= 2")
+        return sigma_schedule(levels, float(sigma_min), float(sigma_max), rho=rho, dtype=torch.float64)
     sig = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
     if num_levels is not None and sig.numel() != int(num_levels):
         raise ValueError(f"sigmas has {sig.numel()} levels but num_levels={num_levels}")
@@ -77,6 +81,24 @@ def noise_levels(num_levels: int | None = None, sigma_max: float | None = None, 
     if sig.numel() > 1 and not (sig[1:] < sig[:-1]).all():
         raise ValueError("sigmas must be strictly decreasing (sigma_max first)")
     return sig
+
+
+def _floating(dtype: torch.dtype | None) -> bool:
+    return dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)
+
+
+def _whole(value: Any, name: str) -> int:
+    """`value` as an int when it is a whole number (2, 2.0, a 0-d integer tensor); a ValueError naming `name` for 2.5,
+    '3', True and the like (int() would silently truncate)."""
+    if isinstance(value, bool) or isinstance(value, str):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if not (math.isfinite(as_float) and as_float == int(as_float)):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(as_float)
 
 
 def _rowfinite(t: Tensor) -> Tensor:
@@ -142,7 +164,15 @@ class DiffusionFK:
         self.sigmas = sig
         self._sigma_values = sig.tolist()  # host floats, read once (sig is a CPU tensor): no tensor reads per level
         self.T = sig.numel()
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = tuple(_whole(s, "shape entries") for s in shape)
+        if not self.shape or min(self.shape) < 1:
+            raise ValueError(f"shape is the event shape of one particle, e.g. (2,) or (1, 8, 8): a non-empty tuple of "
+                             f"positive sizes, got {tuple(shape)}")
+        if dtype is None or not (_floating(dtype) and _floating(eval_dtype)):
+            raise ValueError(f"dtype and eval_dtype must be floating-point torch dtypes (particles are continuous), got "
+                             f"dtype={dtype}, eval_dtype={eval_dtype}")
+        for p in self.potentials:
+            p.check_event_shape(self.shape)
         self.event_size = math.prod(self.shape)
         self.mode, self.final_denoise, self.proposal_variance = mode, bool(final_denoise), proposal_variance
         self.init_std = float(sig[0]) if init_std is None else float(init_std)

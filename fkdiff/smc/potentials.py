@@ -74,6 +74,10 @@ class Potential:
     def log_potential(self, x: Tensor, level: Level) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_event_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise a ValueError when the potential cannot apply to particles of event shape `shape` (checked once, when
+        the Feynman–Kac model is built). The default accepts any shape."""
+
     def log_potential_and_grad(self, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
         """(log w `[N]` float64, grad_x log w `[N, *event]`), by autograd unless overridden. Non-finite grads -> 0."""
         with torch.enable_grad():
@@ -106,6 +110,16 @@ class Box(Potential):
 
     def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.low.to(x.device), self.high.to(x.device)
+
+    def check_event_shape(self, shape: tuple[int, ...]) -> None:
+        try:
+            fits = torch.broadcast_shapes(tuple(self.low.shape), tuple(shape)) == tuple(shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"Box bounds of shape {tuple(self.low.shape)} do not fit particles of event shape "
+                             f"{tuple(shape)} (the bounds must broadcast to it, e.g. {len(shape) and shape[-1]} "
+                             f"numbers for a {tuple(shape)} target)")
 
     def contains(self, x: Tensor) -> Tensor:
         """`[N]` bool: every coordinate of x `[N, *event]` inside the closed box."""
@@ -146,6 +160,12 @@ class Polytope(Potential):
         if not soft_scale > 0:
             raise ValueError(f"soft_scale must be > 0, got {soft_scale}")
         self.A, self.b, self.norms, self.soft_scale = A, b, norms, float(soft_scale)
+
+    def check_event_shape(self, shape: tuple[int, ...]) -> None:
+        size = math.prod(shape)
+        if self.A.shape[1] != size:
+            raise ValueError(f"Polytope has {self.A.shape[1]} columns but particles of event shape {tuple(shape)} have "
+                             f"{size} coordinates")
 
     def _margins(self, x: Tensor) -> Tensor:
         """b - A x `[N, m]` (float64)."""

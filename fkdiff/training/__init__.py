@@ -4,21 +4,28 @@
   `adam_with_warmup`;
 - `teacher`: `TeacherModule` (EDM denoising score matching) and `teacher_spec`;
 - `callbacks`: `StepCheckpoint` / `FinalCheckpoint` (exact `last.ckpt` with EMA) and `StepProgressBar`;
-- `trainer`: the Trainer and logger from the config (`task_trainer_config`, `build_trainer`, `build_logger`);
+- `trainer`: the Trainer and logger from the config (`task_trainer_config`, `build_trainer`, `build_logger`), `fit`
+  (preemption and distributed timeouts), the newest checkpoint of a run;
+- `rundir`: the run folder: lock, no second run into one folder, atomic writes (`open_run`, `RunLock`);
 - `wiring`: the datamodule of the `data:` section (`build_datamodule_from_config`).
 The distillation LightningModule is `fkdiff.distillation.DistillationModule`; batches come from `fkdiff.data`.
 """
 
 from fkdiff.training.callbacks import FinalCheckpoint, StepCheckpoint, StepProgressBar
 from fkdiff.training.module import StepModule, adam_with_warmup
-from fkdiff.training.trainer import (LOGGERS, TASK_KNOBS, ConfigError, build_logger, build_trainer, finish_logger,
-                                     positive_int, resolve_ckpt_path, save_config, task_trainer_config)
+from fkdiff.training.rundir import RunDirBusy, RunDirNotEmpty, RunLock, open_run
+from fkdiff.training.trainer import (LOGGERS, TASK_KNOBS, ConfigError, DistributedTimeout, Preempted, build_logger,
+                                     build_trainer, checkpoint_step, default_checkpoint_interval,
+                                     explicit_checkpoint_step, finish_logger, fit, newest_checkpoint, positive_int,
+                                     resolve_ckpt_path, save_config, task_trainer_config)
 from fkdiff.training.wiring import build_datamodule_from_config
 
 __all__ = ["StepModule", "adam_with_warmup", "StepCheckpoint", "FinalCheckpoint", "StepProgressBar", "LOGGERS",
            "TASK_KNOBS", "ConfigError", "build_logger", "build_trainer", "finish_logger", "positive_int",
            "resolve_ckpt_path", "save_config", "task_trainer_config", "build_datamodule_from_config",
-           "TeacherModule", "teacher_spec"]
+           "TeacherModule", "teacher_spec", "fit", "Preempted", "DistributedTimeout", "checkpoint_step",
+           "newest_checkpoint", "explicit_checkpoint_step", "default_checkpoint_interval", "RunDirBusy", "RunDirNotEmpty",
+           "RunLock", "open_run"]
 
 
 def __getattr__(name: str):

@@ -8,6 +8,10 @@ the global step, not the epoch:
   be the EMA weights and `ckpt_path=last` would not continue the run exactly. `FinalCheckpoint` (placed before the EMA
   callback, whose hooks therefore run first) writes `last.ckpt` through the public `Trainer.save_checkpoint` while the
   model still holds its raw weights, and `StepCheckpoint.on_train_end` writes nothing.
+- On SIGTERM (scheduler preemption) Lightning finishes the current step (its checkpoint callbacks and EMA update
+  included) and raises `SIGTERMException` at the step's end; `StepCheckpoint.on_exception` then writes `last.ckpt`:
+  the same state a periodic checkpoint of that step holds, so the resumed run continues exactly.
+  (`fkdiff.training.fit` turns the exception into exit status 143.)
 - `StepProgressBar` is Lightning's tqdm bar counting optimizer steps: `step k/max_steps` with rate and ETA, starting at
   the restored step after a resume (Lightning's own bar counts the batches of the current epoch).
 """
@@ -25,10 +29,17 @@ __all__ = ["StepCheckpoint", "FinalCheckpoint", "StepProgressBar"]
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose end-of-training `last.ckpt` is written by `FinalCheckpoint` (module docstring)."""
+    """ModelCheckpoint whose end-of-training `last.ckpt` is written by `FinalCheckpoint`, and which writes `last.ckpt`
+    on SIGTERM (module docstring)."""
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         return None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.stage == "train":
+            trainer.save_checkpoint(self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST), self.save_weights_only)
 
 
 class FinalCheckpoint(Callback):

@@ -15,17 +15,21 @@ is passed to W&B directly (nothing is written to the process environment).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from fkdiff.training.callbacks import FinalCheckpoint, StepCheckpoint, StepProgressBar
 
 __all__ = ["TASK_KNOBS", "LOGGERS", "ConfigError", "task_trainer_config", "positive_int", "build_logger",
-           "build_trainer", "finish_logger", "resolve_ckpt_path", "save_config"]
+           "build_trainer", "finish_logger", "resolve_ckpt_path", "save_config", "default_checkpoint_interval",
+           "strategy_with_timeout", "fit", "Preempted", "DistributedTimeout", "checkpoint_step", "newest_checkpoint",
+           "explicit_checkpoint_step"]
 
 TASK_KNOBS = ("max_steps", "gradient_clip_val")
 
@@ -73,6 +77,8 @@ def task_trainer_config(cfg: DictConfig, section: str) -> dict:
 
 
 def _wandb(cfg: Mapping, run_dir: Path, name: str, config: Any):
+    """W&B through Lightning's WandbLogger. The run's id is kept in `<run_dir>/logger.json`, so a resumed run continues
+    the same W&B run (its history goes on at the restored step) instead of opening a new one."""
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
@@ -80,7 +86,28 @@ def _wandb(cfg: Mapping, run_dir: Path, name: str, config: Any):
     if mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.mode must be offline, online or disabled, got {mode!r}")
     return WandbLogger(project=cfg.get("project", "fkdiff"), name=name, save_dir=str(run_dir), mode=mode,
-                       config=config, entity=cfg.get("entity"), settings=wandb.Settings(silent=True))
+                       config=config, entity=cfg.get("entity"), id=_wandb_id(run_dir), resume="allow",
+                       settings=wandb.Settings(silent=True))
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """The W&B run id of the run in `run_dir`: read from `logger.json`, or made and stored there (main process)."""
+    import secrets
+    import string
+
+    from fkdiff.files import atomic_write_json
+    from fkdiff.training.rundir import is_main_process
+
+    path = run_dir / "logger.json"
+    try:
+        run_id = json.loads(path.read_text()).get("wandb_id")
+    except (OSError, ValueError):
+        run_id = None
+    if not run_id:
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+        if is_main_process():
+            atomic_write_json(path, {"wandb_id": run_id})
+    return str(run_id)
 
 
 def _csv(cfg: Mapping, run_dir: Path, name: str, config: Any):
@@ -114,10 +141,11 @@ def build_logger(logger_cfg: DictConfig | Mapping | None, run_dir: str | Path, n
     return LOGGERS[kind](cfg, run_dir, name, config)
 
 
-def finish_logger(logger) -> None:
-    """Close a W&B run (its files are complete afterwards); other loggers need nothing."""
-    if type(logger).__name__ == "WandbLogger":
-        logger.experiment.finish()
+def finish_logger(logger, exit_code: int = 0) -> None:
+    """Close a W&B run (its files are complete afterwards; a non-zero `exit_code` marks it failed or preempted);
+    other loggers need nothing."""
+    if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+        logger.experiment.finish(exit_code=int(exit_code))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -125,22 +153,31 @@ def finish_logger(logger) -> None:
 
 
 def build_trainer(trainer_cfg: Mapping, run_dir: str | Path, logger=None, callbacks: Sequence[Callback] = (), *,
-                  ema_decay: float | None = None, checkpoint_every_n_steps: int | None = None) -> pl.Trainer:
+                  ema_decay: float | None = None, checkpoint_every_n_steps: int | None = None,
+                  timeout: float | None = None) -> pl.Trainer:
     """A Trainer for step-based training from the resolved `trainer:` kwargs (see `task_trainer_config`).
 
-    Checkpoints go to `<run_dir>/checkpoints` (`last.ckpt` included, also at the final step: `FinalCheckpoint`),
-    every `checkpoint_every_n_steps` steps (default max_steps / 10); `ema_decay` adds Lightning's EMAWeightAveraging
-    (its state is in every checkpoint, so resume is exact); the progress bar counts optimizer steps. The train loader
-    shards its own batches (`StepBatches`), so Lightning's distributed sampler is off; validation runs every
-    `val_check_interval` steps when set as an int.
+    Checkpoints go to `<run_dir>/checkpoints` (`last.ckpt` included, also at the final step: `FinalCheckpoint`, and on
+    SIGTERM), every `checkpoint_every_n_steps` steps (default max_steps / 10), each file replaced atomically
+    (`AtomicCheckpointIO`) and `last.ckpt` always overwritten in place (no `last-v1.ckpt`); `ema_decay` adds
+    Lightning's EMAWeightAveraging (its state is in every checkpoint, so resume is exact); the progress bar counts
+    optimizer steps. The train loader shards its own batches (`StepBatches`), so Lightning's distributed sampler is
+    off; validation runs every `val_check_interval` steps when set as an int. `timeout` (seconds): how long a
+    collective of a distributed strategy waits for the other processes (the process group's timeout). Under SLURM,
+    Lightning's own requeue handler (a checkpoint written from inside a SIGUSR1 handler, mid-step) is off: preemption
+    is SIGTERM, answered with a checkpoint at the end of the current step (README "Resume and preemption").
     """
+    from fkdiff.training.rundir import AtomicCheckpointIO
+
     cfg = dict(trainer_cfg)
     run_dir = Path(run_dir)
     max_steps = int(cfg.get("max_steps") or 1000)
-    every = checkpoint_every_n_steps or cfg.pop("checkpoint_every_n_steps", None) or max(1, max_steps // 10)
+    every = checkpoint_every_n_steps or cfg.pop("checkpoint_every_n_steps", None) or default_checkpoint_interval(
+        max_steps)
     cfg.pop("checkpoint_every_n_steps", None)
     ckpt = StepCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, every_n_train_steps=int(every),
-                          save_top_k=-1 if cfg.pop("keep_all_checkpoints", False) else 1, monitor=None)
+                          save_top_k=-1 if cfg.pop("keep_all_checkpoints", False) else 1, monitor=None,
+                          enable_version_counter=False)
     cbs = [ckpt, *callbacks, FinalCheckpoint(ckpt)]  # before the EMA callback: its on_train_end runs first
     if ema_decay:
         cbs.append(EMAWeightAveraging(decay=float(ema_decay)))
@@ -151,27 +188,164 @@ def build_trainer(trainer_cfg: Mapping, run_dir: str | Path, logger=None, callba
     cfg.setdefault("use_distributed_sampler", False)  # StepBatches shards the global batch itself
     if isinstance(cfg.get("val_check_interval"), int):
         cfg.setdefault("check_val_every_n_epoch", None)  # validate every n steps of the one endless epoch
-    return pl.Trainer(logger=logger if logger is not None else False, callbacks=cbs, **cfg)
+    plugins = list(cfg.pop("plugins", None) or [])
+    plugins.append(AtomicCheckpointIO())
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    cfg["strategy"] = strategy_with_timeout(cfg.get("strategy", "auto"), timeout)
+    return pl.Trainer(logger=logger if logger is not None else False, callbacks=cbs, plugins=plugins, **cfg)
+
+
+def default_checkpoint_interval(max_steps: int) -> int:
+    """`checkpoint_every_n_steps: null` means max_steps / 10 (fixed when a run starts, kept on resume)."""
+    return max(1, int(max_steps) // 10)
+
+
+def strategy_with_timeout(strategy: Any, timeout: float | None):
+    """A registered strategy name (`ddp`, `ddp_spawn`, `fsdp`, ...) as the strategy object with the process group's
+    `timeout` (seconds); other values (auto, single_device, an object) unchanged."""
+    if timeout is None or not isinstance(strategy, str):
+        return strategy
+    import inspect
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if strategy not in StrategyRegistry:
+        return strategy
+    entry = StrategyRegistry[strategy]
+    if "timeout" not in inspect.signature(entry["strategy"]).parameters:
+        return strategy
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=float(timeout)))
+
+
+class Preempted(SystemExit):
+    """The run stopped on SIGTERM after writing a checkpoint; the process exits with status 143 (128 + SIGTERM)."""
+
+    code = 143
+
+    def __init__(self, message: str):
+        super().__init__(143)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DistributedTimeout(RuntimeError):
+    """A collective waited longer than the process group's timeout: another process froze or died."""
+
+
+_TIMEOUT_WORDS = ("timed out", "timeout", "wait timeout")
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None, *,
+        timeout: float | None = None, resume_hint: str = "") -> None:
+    """`trainer.fit`, loading a checkpoint weights-only (any torch version), with the endings a cluster needs:
+
+    - SIGTERM (scheduler preemption): Lightning stops at the end of the current step, `StepCheckpoint` writes
+      `last.ckpt`, and this raises `Preempted` (exit status 143, never 0), whose message says how to resume;
+    - a collective that timed out (a frozen or dead rank): `DistributedTimeout` naming the `timeout` option.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        raise _preempted(trainer, resume_hint) from None
+    except Exception as e:  # noqa: BLE001 - only re-labelled when it is a distributed timeout
+        text = str(e).lower()
+        if trainer.world_size > 1 and any(w in text for w in _TIMEOUT_WORDS):
+            launcher = trainer.strategy.launcher  # processes Lightning started itself: end them, leave no orphan
+            if launcher is not None and hasattr(launcher, "kill"):
+                import signal
+
+                launcher.kill(signal.SIGKILL)
+            raise DistributedTimeout(
+                f"rank {trainer.global_rank}: a collective waited longer than the process-group timeout "
+                f"({'timeout=' + format(timeout, 'g') + ' s' if timeout else 'the default'}) for another process at "
+                f"step {trainer.global_step}: a rank is frozen or died. Look at the other ranks' logs; if steps are "
+                f"legitimately slower, raise the `timeout` option (seconds). Cause: {str(e).splitlines()[0][:300]}"
+            ) from e
+        raise
+    if trainer.received_sigterm:  # arrived after the last step: training is complete, the next run finalises it
+        raise _preempted(trainer, resume_hint)
+
+
+def _preempted(trainer: pl.Trainer, resume_hint: str) -> Preempted:
+    """The `Preempted` exit, its message printed (SystemExit itself prints nothing)."""
+    import sys
+
+    ckpt = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, StepCheckpoint)), None)
+    where = f" ({ckpt.format_checkpoint_name({}, ckpt.CHECKPOINT_NAME_LAST)})" if ckpt is not None else ""
+    message = (f"SIGTERM at step {trainer.global_step}: checkpoint written{where}; exiting with status 143 so that a "
+               f"scheduler counts the job as unfinished. Resume: "
+               f"{resume_hint or 'the same command with ckpt_path=last'}")
+    if trainer.is_global_zero:
+        print(message, file=sys.stderr, flush=True)
+    return Preempted(message)
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The global step stored in a Lightning checkpoint, or None when the file cannot be read (torn, not a
+    checkpoint). Loads weights-only, memory-mapped (cheap for large files)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(data["global_step"])
+    except Exception:  # noqa: BLE001 - any unreadable file is "no checkpoint"
+        return None
+
+
+def explicit_checkpoint_step(path: str | Path, key: str) -> int:
+    """The global step of a checkpoint the user named (`<task>.ckpt_path=<file>`): errors name the file and the key
+    (missing, damaged, refused by the weights-only loader, not a Lightning checkpoint)."""
+    from fkdiff.files import CorruptFileError, load_torch_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}={path}: no such checkpoint file")
+    data = load_torch_file(path, "Lightning checkpoint")
+    if not isinstance(data, Mapping) or "global_step" not in data:
+        raise CorruptFileError(f"{key}={path} is not a Lightning checkpoint (no global_step)")
+    return int(data["global_step"])
+
+
+def newest_checkpoint(run_dir: str | Path) -> tuple[Path, int] | None:
+    """The checkpoint of `<run_dir>/checkpoints` with the highest global step (`last.ckpt`, and any `last-v*.ckpt`
+    an older Lightning run left beside it), with that step; None when there is none. Unreadable files are skipped."""
+    folder = Path(run_dir) / "checkpoints"
+    best = None
+    for p in sorted(folder.glob("last*.ckpt")):
+        step = checkpoint_step(p)
+        if step is not None and (best is None or step > best[1]):
+            best = (p, step)
+    return best
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
-    """`None` -> fresh start; `last` -> `<run_dir>/checkpoints/last.ckpt` (error if missing); else a checkpoint file."""
+    """`None` -> fresh start; `last` -> the newest checkpoint of `<run_dir>/checkpoints` (`newest_checkpoint`), None
+    when there is none yet (a run that never got to its first checkpoint starts); else a checkpoint file."""
     if ckpt_path in (None, "", "null", "none"):
         return None
     if ckpt_path == "last":
-        p = Path(run_dir) / "checkpoints" / "last.ckpt"
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"ckpt_path=last but {p} does not exist; pass run_dir=<the earlier run's folder> to resume it")
-        return str(p)
+        found = newest_checkpoint(run_dir)
+        return str(found[0]) if found else None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path} not found")
     return str(ckpt_path)
 
 
-def save_config(cfg: DictConfig, run_dir: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config to the run folder."""
-    p = Path(run_dir) / name
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return p
+def save_config(cfg: DictConfig, run_dir: str | Path, name: str = "config.yaml", ckpt_key: str | None = None) -> Path:
+    """Write the resolved config to the run folder (atomically). `ckpt_key` (e.g. `distill.ckpt_path`) is stored as
+    null: resuming is a property of one invocation, not of the run."""
+    from fkdiff.files import atomic_write_text
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    if ckpt_key:
+        section, key = ckpt_key.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section][key] = None
+    header = ("# The resolved config of this run (fkdiff). Resume the run with run_dir=<this folder> "
+              f"{ckpt_key or '<task>.ckpt_path'}=last: this file is its config, the command line's overrides go on top.\n")
+    return atomic_write_text(Path(run_dir) / name, header + OmegaConf.to_yaml(OmegaConf.create(data)))

@@ -20,7 +20,9 @@ written for seed 0. Everything runs chunked (`max_batch`) on the CPU with one th
         --mcmc none hmc1 hmc4 --seeds 0 1 2
     python benchmarks/image_smc_sizing.py --quick --student ...          # seconds: the smallest cell of each kind
 
-Writes `<out>/results.json` (one row per run + aggregates), `<out>/results.md` (table) and `<out>/grid_<target>.png`.
+Writes `<out>/results.json` (one row per run + aggregates; rewritten after every run), `<out>/results.md` (table),
+`<out>/grid_<target>.png` and `<out>/grid_samples.pt` (16 resampled samples of the first seed of every cell).
+`--append` adds cells to an earlier study in the same folder (same sigmas, classes and beta), skipping runs done.
 """
 
 from __future__ import annotations
@@ -88,6 +90,26 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss_mib())
 
 
+def matched_init_std(target, sigma: float, shape, generator: torch.Generator, num: int = 256,
+                     max_batch: int | None = 64) -> float:
+    """The std of the isotropic Gaussian closest to the target at noise level `sigma`, from its score: for
+    N(0, v I), -<x, score(x)> = |x|^2 / v, so v = median_n |x_n|^2 / (-<x_n, score(x_n)>) over x_n ~ N(0, sigma^2 I).
+
+    At sigma_max every diffusion marginal is about N(0, (sigma^2 + sd^2) I), so a product of k models is about
+    N(0, sigma^2 / k I) and p^beta about N(0, sigma^2 / beta I); starting SMC from N(0, sigma_max^2 I) instead costs
+    a factor of about (2 sqrt(k) / (k + 1))^d in ESS at the first level (d = 64: 1e-4 for k = 2: one particle left).
+    """
+    from fkdiff.targets import score
+
+    x = sigma * torch.randn((num, *shape), generator=generator, dtype=torch.float64)
+    s = score(target, x.float(), sigma, max_batch=max_batch).double()
+    v = x.flatten(1).pow(2).sum(1) / (-(x * s).flatten(1).sum(1))
+    v = v[torch.isfinite(v) & (v > 0)]
+    if v.numel() == 0:
+        return float(sigma)
+    return float(v.median().sqrt())
+
+
 def build(name: str, student, classes: tuple[int, int], temp_class: int, beta: float):
     """(target, smc keyword arguments, description) for one of TARGETS."""
     c1, c2 = (bind(student, c) for c in classes)
@@ -129,15 +151,20 @@ def run_one(student, clf, name: str, n: int, levels: int, mc: str, seed: int, ar
     target, kw, desc = build(name, student, tuple(args.classes), args.temp_class, args.beta)
     kernel = None if MCMC[mc] is None else mcmc.HMC(MCMC[mc][0], MCMC[mc][1])
     gen = torch.Generator().manual_seed(seed)
+    init_std = None  # N(0, sigma_max^2 I); twisted mode starts from the base model's own law anyway
+    if args.init == "matched" and kw.get("mode") != "twisted":
+        init_std = matched_init_std(target, args.sigma_max, student.event_shape,
+                                    torch.Generator().manual_seed(10_000 + seed), max_batch=args.max_batch)
     with warnings.catch_warnings(record=True) as caught, PeakRSS() as mem:
         warnings.simplefilter("always", SMCDegeneracyWarning)
         t0 = time.perf_counter()
         res = smc.sample(target, n, shape=student.event_shape, num_steps=levels, sigma_max=args.sigma_max,
                          sigma_min=args.sigma_min, mcmc=kernel, generator=gen, max_batch=args.max_batch,
-                         eval_dtype=torch.float32, **kw)
+                         eval_dtype=torch.float32, init_std=init_std, **kw)
         wall = time.perf_counter() - t0
     x = res.resample(gen)
     row = {"target": name, "description": desc, "num_particles": n, "levels": levels, "mcmc": mc, "seed": seed,
+           "init": args.init, "init_std": args.sigma_max if init_std is None else init_std,
            **{k: v for k, v in res.summary().items() if k != "wall_time"},
            "min_ess_frac": res.min_ess / n, "wall_s": wall, "peak_rss_mib": mem.peak, "rss_before_mib": mem.start,
            "degenerate": bool(res.warnings), "warnings": list(res.warnings),
@@ -146,16 +173,25 @@ def run_one(student, clf, name: str, n: int, levels: int, mc: str, seed: int, ar
     return row, x
 
 
+INITS = ("sigma_max", "matched")
+
+
+def cell(r: dict) -> tuple:
+    """A configuration: (target, N, levels, mcmc, init); runs of one cell differ only by their seed."""
+    return r["target"], r["num_particles"], r["levels"], r["mcmc"], r.get("init", "sigma_max")
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One row per (target, N, levels, mcmc): medians over seeds, log Z spread (sd over seeds)."""
-    keys = sorted({(r["target"], r["num_particles"], r["levels"], r["mcmc"]) for r in rows},
-                  key=lambda k: (TARGETS.index(k[0]), k[1], k[2], list(MCMC).index(k[3])))
+    """One row per cell: medians over seeds, log Z spread (sd over seeds)."""
+    keys = sorted({cell(r) for r in rows},
+                  key=lambda k: (TARGETS.index(k[0]), INITS.index(k[4]), k[1], k[2], list(MCMC).index(k[3])))
     out = []
     for k in keys:
-        rs = [r for r in rows if (r["target"], r["num_particles"], r["levels"], r["mcmc"]) == k]
+        rs = [r for r in rows if cell(r) == k]
         lz = [r["log_Z"] for r in rs]
         med = lambda f: statistics.median(r[f] for r in rs)  # noqa: E731
-        agg = {"target": k[0], "num_particles": k[1], "levels": k[2], "mcmc": k[3], "num_seeds": len(rs),
+        agg = {"target": k[0], "num_particles": k[1], "levels": k[2], "mcmc": k[3], "init": k[4],
+               "init_std": med("init_std") if "init_std" in rs[0] else None, "num_seeds": len(rs),
                "min_ess_frac": med("min_ess_frac"), "min_unique_ancestors": med("min_unique_ancestors"),
                "num_eves": med("num_eves"), "num_distinct": med("num_distinct"),
                "mean_acceptance": None if rs[0]["mean_acceptance"] is None else med("mean_acceptance"),
@@ -175,9 +211,9 @@ def markdown(agg: list[dict], meta: dict) -> str:
              f"Machine: {meta['machine']}. sigma {meta['sigma_max']} -> {meta['sigma_min']} (EDM rho = 7 levels, "
              f"then one denoising step), max_batch {meta['max_batch']}, seeds {meta['seeds']}; HMC = k steps x 3 "
              "leapfrog, step size adapted to acceptance 0.65. Medians over seeds; log Z sd = spread over seeds.", "",
-             "| target | N | levels | MCMC | min ESS/N | min uniq. anc. | eves | distinct | acc. | log Z mean | "
+             "| target | init | N | levels | MCMC | min ESS/N | min uniq. anc. | eves | distinct | acc. | log Z mean | "
              "log Z sd (seeds) | reported se | nfe | wall s | peak RSS MiB | degenerate | classes | entropy |",
-             "|" + "---|" * 18]
+             "|" + "---|" * 19]
     for a in agg:
         if "frac_class" in a:
             cls = f"class {a['frac_class']:.2f}"
@@ -186,7 +222,7 @@ def markdown(agg: list[dict], meta: dict) -> str:
         acc = "-" if a["mean_acceptance"] is None else f"{a['mean_acceptance']:.2f}"
         sd = "-" if a["log_Z_sd"] is None else f"{a['log_Z_sd']:.2f}"
         lines.append(
-            f"| {a['target']} | {a['num_particles']} | {a['levels']} | {a['mcmc']} | {a['min_ess_frac']:.3f} | "
+            f"| {a['target']} | {a['init']} | {a['num_particles']} | {a['levels']} | {a['mcmc']} | {a['min_ess_frac']:.3f} | "
             f"{a['min_unique_ancestors']:.0f} | {a['num_eves']:.0f} | {a['num_distinct']:.0f} | {acc} | "
             f"{a['log_Z_mean']:.1f} | {sd} | {a['log_Z_se_reported']:.2f} | {a['nfe']:.0f} | {a['wall_s']:.0f} | "
             f"{a['peak_rss_mib']:.0f} | {a['degenerate_runs']}/{a['num_seeds']} | {cls} | {a['mean_entropy']:.2f} |")
@@ -202,7 +238,9 @@ def save_grids(grids: dict, out: Path) -> list[str]:
 
     files = []
     for name in TARGETS:
-        cells = [(k, x) for k, x in grids.items() if k[0] == name]
+        order = lambda kx: (INITS.index(kx[0][4] if len(kx[0]) > 4 else "sigma_max"), *kx[0][1:3],  # noqa: E731
+                            list(MCMC).index(kx[0][3]))
+        cells = sorted(((k, x) for k, x in grids.items() if k[0] == name), key=order)
         if not cells:
             continue
         cols = min(3, len(cells))
@@ -210,14 +248,16 @@ def save_grids(grids: dict, out: Path) -> list[str]:
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
-        for ax, ((_, n, lv, mc), x) in zip(axes.flat, cells):
+        for ax, (key, x) in zip(axes.flat, cells):
+            n, lv, mc = key[1:4]
+            init = key[4] if len(key) > 4 else "sigma_max"
             x = x[:16].float().clamp(-1, 1)
             k = int(math.ceil(math.sqrt(x.shape[0])))
             pad = torch.full((k * k - x.shape[0], *x.shape[1:]), -1.0)
             tiles = torch.cat([x, pad]).reshape(k, k, *x.shape[1:])  # [k, k, C, H, W]
             img = tiles.permute(2, 0, 3, 1, 4).reshape(x.shape[1], k * x.shape[2], k * x.shape[3])
             ax.imshow(((img[0] + 1) / 2).numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"N={n} L={lv} {mc}", fontsize=9)
+            ax.set_title(f"N={n} L={lv} {mc} init={init}", fontsize=8)
         fig.suptitle(name, fontsize=10)
         fig.tight_layout()
         path = out / f"grid_{name}.png"
@@ -225,6 +265,14 @@ def save_grids(grids: dict, out: Path) -> list[str]:
         plt.close(fig)
         files.append(str(path))
     return files
+
+
+def _meta(args, clf_path, clf) -> dict:
+    return {"student": str(args.student), "classifier": str(clf_path), "classifier_report": getattr(clf, "report", {}),
+            "machine": f"{platform.machine()} {os.cpu_count()}-core CPU (shared with other jobs), torch "
+                       f"{torch.__version__}, 1 thread",
+            "sigma_max": args.sigma_max, "sigma_min": args.sigma_min, "max_batch": args.max_batch,
+            "seeds": args.seeds, "classes": args.classes, "temp_class": args.temp_class, "beta": args.beta}
 
 
 def main(argv=None) -> dict:
@@ -243,7 +291,11 @@ def main(argv=None) -> dict:
     p.add_argument("--sigma-max", type=float, default=10.0)
     p.add_argument("--sigma-min", type=float, default=0.05)
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--init", default="matched", choices=INITS,
+                   help="initial particles: N(0, sigma_max^2) or matched to the target at sigma_max (see "
+                        "matched_init_std); twisted mode always starts from the base model's N(0, sigma_max^2)")
     p.add_argument("--out", default="benchmarks/results/image_smc_sizing")
+    p.add_argument("--append", action="store_true", help="add these cells to <out>/results.json (skips done runs)")
     p.add_argument("--quick", action="store_true", help="N=16, 6 levels, seeds 0 1, no HMC and hmc1 (seconds)")
     args = p.parse_args(argv)
     if args.quick:
@@ -264,23 +316,34 @@ def main(argv=None) -> dict:
         save_classifier(clf, clf_path)
 
     rows, grids = [], {}
+    if args.append and (out / "results.json").is_file():  # add cells to an earlier run of the same study
+        old = json.loads((out / "results.json").read_text())
+        for k in ("sigma_max", "sigma_min", "classes", "temp_class", "beta"):
+            if old["meta"][k] != getattr(args, k):
+                raise SystemExit(f"--append: {k}={getattr(args, k)} differs from the earlier run's {old['meta'][k]}")
+        rows = old["runs"]
+        if (out / "grid_samples.pt").is_file():
+            grids = torch.load(out / "grid_samples.pt")
+    done = {(*cell(r), r["seed"]) for r in rows}
     cells = [(t, n, lv, mc) for t in args.targets for n in args.num_particles for lv in args.levels for mc in args.mcmc]
     for i, (t, n, lv, mc) in enumerate(cells):
         for seed in args.seeds:
+            if (t, n, lv, mc, args.init, seed) in done:
+                continue
             row, x = run_one(student, clf, t, n, lv, mc, seed, args)
             rows.append(row)
-            if seed == args.seeds[0]:
-                grids[(t, n, lv, mc)] = x
-            print(f"[{i + 1}/{len(cells)}] {t} N={n} L={lv} {mc} seed={seed}: min ESS/N {row['min_ess_frac']:.3f}, "
+            if cell(row) not in grids:
+                grids[cell(row)] = x[:16].float()
+            # write as we go: a long study can be stopped and continued with --append
+            (out / "results.json").write_text(json.dumps({"meta": _meta(args, clf_path, clf), "runs": rows}, indent=1))
+            torch.save(grids, out / "grid_samples.pt")
+            print(f"[{i + 1}/{len(cells)}] {t} N={n} L={lv} {mc} init={args.init} seed={seed}: min ESS/N {row['min_ess_frac']:.3f}, "
                   f"min uniq {row['min_unique_ancestors']}, eves {row['num_eves']}, acc {row['mean_acceptance']}, "
                   f"log Z {row['log_Z']:.2f}, {row['wall_s']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB",
                   flush=True)
     agg = aggregate(rows)
-    meta = {"student": str(args.student), "classifier": str(clf_path), "classifier_report": getattr(clf, "report", {}),
-            "machine": f"{platform.machine()} {os.cpu_count()}-core CPU (shared), torch {torch.__version__}, "
-                       f"1 thread",
-            "sigma_max": args.sigma_max, "sigma_min": args.sigma_min, "max_batch": args.max_batch,
-            "seeds": args.seeds, "classes": args.classes, "temp_class": args.temp_class, "beta": args.beta}
+    meta = _meta(args, clf_path, clf)
+    meta["seeds"] = sorted({r["seed"] for r in rows})
     result = {"meta": meta, "runs": rows, "aggregate": agg, "grids": save_grids(grids, out)}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(agg, meta))

@@ -137,6 +137,16 @@ def test_image_smc_sizing_quick(trained, tmp_path):
     assert len(agg) == len(bench.TARGETS) * 2 and all(a["num_seeds"] == 2 and a["log_Z_sd"] is not None for a in agg)
     assert {Path(g).name for g in res["grids"]} == {f"grid_{t}.png" for t in bench.TARGETS}
     assert (out / "results.md").read_text().count("\n| ") == len(agg) + 1
+    # --append: done runs are skipped, a new seed of one cell is added, the aggregate follows
+    again = bench.main(["--student", str(student), "--out", str(out), "--classifier", str(trained["classifier"]),
+                        "--append", "--targets", "product", "--num-particles", "16", "--levels", "6", "--mcmc", "none",
+                        "--seeds", "0", "2"])
+    assert len(again["runs"]) == len(rows) + 1 and again["runs"][:len(rows)] == rows
+    cell = [a for a in again["aggregate"] if a["target"] == "product" and a["mcmc"] == "none"]
+    assert len(cell) == 1 and cell[0]["num_seeds"] == 3 and again["meta"]["seeds"] == [0, 1, 2]
+    with pytest.raises(SystemExit, match="beta"):
+        bench.main(["--student", str(student), "--out", str(out), "--classifier", str(trained["classifier"]),
+                    "--append", "--quick", "--beta", "3"])
 
 
 def test_peak_rss_sees_an_allocation():

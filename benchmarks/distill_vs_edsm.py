@@ -27,13 +27,14 @@ import torch
 
 from fkdiff.data import build_datamodule
 from fkdiff.diffusion import append_dims, edm_loss_weight, sample_training_sigma
-from fkdiff.distillation import DenoiserMatchingLoss, step_seed
+from fkdiff.distillation import DenoiserMatchingLoss
 from fkdiff.energy import build_student, warm_start_from
+from fkdiff.seeding import derive_seed
 from teachers import EDMDenoiser, EDMLoss, load_teacher, save_teacher
 
 
 def batches(x: torch.Tensor, cond: torch.Tensor, batch: int, seed: int, step: int):
-    g = torch.Generator().manual_seed(step_seed(seed, step, 0, "bench-data"))
+    g = torch.Generator().manual_seed(derive_seed(seed, step, 0, "bench-data"))
     idx = torch.randint(0, x.shape[0], (batch,), generator=g)
     return x[idx], cond[idx]
 
@@ -46,7 +47,7 @@ def train_teacher(x, cond, spec_kw, steps, batch, lr, seed, device):
     loss_fn = EDMLoss(teacher.sigma_data, p_uncond=0.1)
     for k in range(steps):
         xb, cb = batches(x, cond, batch, seed, k)
-        g = torch.Generator().manual_seed(step_seed(seed, k, 0, "bench-teacher"))
+        g = torch.Generator().manual_seed(derive_seed(seed, k, 0, "bench-teacher"))
         loss = loss_fn(teacher, xb.to(device), cb.to(device), g if device == "cpu" else None).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -140,7 +141,7 @@ def main() -> None:
         t1 = time.time()
         for k in range(args.steps):
             xb, cb = batches(x, cond, args.batch, args.seed, k)
-            g = torch.Generator().manual_seed(step_seed(args.seed, k, 0, "noise"))
+            g = torch.Generator().manual_seed(derive_seed(args.seed, k, 0, "noise"))
             loss = loss_fn(student, teacher, xb.to(args.device), cb.to(args.device), g).loss.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

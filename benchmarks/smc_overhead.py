@@ -79,7 +79,7 @@ def main(argv=None):
         student = build_student((dim,), sigma_data=0.5, g="l2", backbone=dict(width=128, num_blocks=4)).eval()
         for n in args.particles:
             for kind, target in (("energy_only", EnergyOnly(student)), ("student", student)):
-                kw = dict(shape=(dim,), num_steps=args.nfe, sigma_max=80.0, sigma_min=0.002)
+                kw = dict(shape=(dim,), num_levels=args.nfe, sigma_max=80.0, sigma_min=0.002)
 
                 def run_rd():
                     return samplers.reverse_diffusion(target, n, generator=torch.Generator().manual_seed(1), **kw)

@@ -9,18 +9,25 @@ sec. 3, eqs. 8-10 and 13).
 | tempered(t, beta)                | beta E                                      | beta s                              |
 | conditional(u, conds, w) (eq.13) | E_u + sum_i w_i (E_{c_i} - E_u)             | s_u + sum_i w_i (s_{c_i} - s_u)     |
 
+Product, negation, temperature and conditioning are one linear operator, `Linear(components, coefficients)`:
+energy sum_j c_j E_j, score sum_j c_j s_j, with c = (1, ..., 1), (1, -alpha), (beta), (1 - sum_i w_i, w_1, ..., w_c).
 Each component is anything with `energy(x, sigma) -> [B]` and optionally `score(x, sigma)` (else -grad energy by
 autograd); the result is again such a target (and a denoiser, D = x + sigma^2 score), so operators nest.
 The mixture's score is the exact gradient of its energy, computed from the component scores with softmax weights
 (stable, no autograd); its weights are normalised to sum to one (Du et al. use 1/K), so a mixture of normalised
 components is normalised. Energies keep any autograd graph of the components; scores are detached.
 Components whose energies are only defined up to a constant shift the mixture's relative weights accordingly.
+
+`conditioned(model, y)` binds a condition (a class label or a condition vector) to a conditional model, giving a
+target of x alone; `parse(expr, models)` builds a composition from an expression such as
+`product(ring, tempered(strip, 2.0))` over named models (the command line's `sample.target`).
 """
 
 from __future__ import annotations
 
+import ast
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -30,8 +37,8 @@ from fkdiff.targets import has_energy
 from fkdiff.targets import energy_and_score as _energy_and_score
 from fkdiff.targets import score as _score
 
-__all__ = ["Composed", "Product", "Mixture", "Negation", "Tempered", "Conditional",
-           "product", "mixture", "negation", "tempered", "conditional"]
+__all__ = ["Composed", "Linear", "Product", "Mixture", "Negation", "Tempered", "Conditional", "Conditioned",
+           "product", "mixture", "negation", "tempered", "conditional", "conditioned", "OPERATORS", "parse"]
 
 
 def _check_targets(targets: Sequence[Any], op: str) -> list:
@@ -55,25 +62,10 @@ def _energy(t: Any, x: Tensor, sigma: Tensor) -> Tensor:
 
 
 class Composed:
-    """Base class: a target built from components; subclasses define `energy` and `score` (shapes [B] and x's)."""
+    """Base class: a target built from components; subclasses define `energy`, `score` and `energy_and_score`
+    (shapes [B], x's, and both)."""
 
     components: tuple
-
-    def energy(self, x: Tensor, sigma: float | Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def score(self, x: Tensor, sigma: float | Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def energy_and_score(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
-        """(energy `[B]`, score `[B, *event]`) evaluating each component once (what SMC and MCMC call)."""
-        s = as_sigma(sigma, x)
-        parts = [_energy_and_score(t, x, s) for t in self.components]
-        coef = self._coefficients()
-        return (sum(c * e for c, (e, _) in zip(coef, parts)), sum(c * g for c, (_, g) in zip(coef, parts)))
-
-    def _coefficients(self) -> tuple[float, ...]:  # pragma: no cover - overridden by linear operators
-        raise NotImplementedError
 
     def log_prob(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """-energy (unnormalised unless the components and the operator preserve normalisation)."""
@@ -86,22 +78,38 @@ class Composed:
         return denoiser_from_score(self.score(x, sigma), x, sigma)
 
 
-class Product(Composed):
-    """prod_j p_j: energy sum_j E_j, score sum_j s_j."""
+class Linear(Composed):
+    """sum_j c_j log p_j: energy sum_j c_j E_j, score sum_j c_j s_j. Product, negation, temperature and conditioning
+    are this one formula with their coefficients c (see the module docstring's table)."""
+
+    def __init__(self, components: Sequence[Any], coefficients: Sequence[float], op: str = "linear"):
+        self.components = tuple(_check_targets(components, op))
+        c = tuple(float(v) for v in coefficients)
+        if len(c) != len(self.components) or not all(math.isfinite(v) for v in c):
+            raise ValueError(f"{op}: needs {len(self.components)} finite coefficients, got {coefficients}")
+        self.coefficients = c
+
+    def energy(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        sig = as_sigma(sigma, x)
+        return sum(c * _energy(t, x, sig) for c, t in zip(self.coefficients, self.components))
+
+    def score(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        sig = as_sigma(sigma, x)
+        return sum(c * _score(t, x, sig) for c, t in zip(self.coefficients, self.components))
+
+    def energy_and_score(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+        """(energy `[B]`, score `[B, *event]`) evaluating each component once (what SMC and MCMC call)."""
+        sig = as_sigma(sigma, x)
+        parts = [_energy_and_score(t, x, sig) for t in self.components]
+        return (sum(c * e for c, (e, _) in zip(self.coefficients, parts)),
+                sum(c * g for c, (_, g) in zip(self.coefficients, parts)))
+
+
+class Product(Linear):
+    """prod_j p_j: coefficients 1 (energy sum_j E_j, score sum_j s_j)."""
 
     def __init__(self, *targets):
-        self.components = tuple(_check_targets(targets, "product"))
-
-    def energy(self, x, sigma):
-        s = as_sigma(sigma, x)
-        return sum(_energy(t, x, s) for t in self.components)
-
-    def score(self, x, sigma):
-        s = as_sigma(sigma, x)
-        return sum(_score(t, x, s) for t in self.components)
-
-    def _coefficients(self):
-        return (1.0,) * len(self.components)
+        super().__init__(targets, [1.0] * len(targets), "product")
 
 
 class Mixture(Composed):
@@ -118,23 +126,23 @@ class Mixture(Composed):
         self.weights = w / w.sum()
         self.log_weights = self.weights.log()
 
-    def _logits(self, x: Tensor, s: Tensor) -> Tensor:
-        e = torch.stack([_energy(t, x, s) for t in self.components], 1)  # [B, K]
+    def _logits(self, x: Tensor, sig: Tensor) -> Tensor:
+        e = torch.stack([_energy(t, x, sig) for t in self.components], 1)  # [B, K]
         return self.log_weights.to(device=e.device, dtype=e.dtype)[None] - e
 
     def energy(self, x, sigma):
-        s = as_sigma(sigma, x)
-        return -torch.logsumexp(self._logits(x, s), 1)
+        sig = as_sigma(sigma, x)
+        return -torch.logsumexp(self._logits(x, sig), 1)
 
     def score(self, x, sigma):
-        s = as_sigma(sigma, x)
+        sig = as_sigma(sigma, x)
         with torch.no_grad():
-            r = torch.softmax(self._logits(x, s), 1)  # [B, K] responsibilities
-        return self._weighted(r, x, lambda k: _score(self.components[k], x, s))
+            r = torch.softmax(self._logits(x, sig), 1)  # [B, K] responsibilities
+        return self._weighted(r, x, lambda k: _score(self.components[k], x, sig))
 
     def energy_and_score(self, x, sigma):
-        s = as_sigma(sigma, x)
-        parts = [_energy_and_score(t, x, s) for t in self.components]
+        sig = as_sigma(sigma, x)
+        parts = [_energy_and_score(t, x, sig) for t in self.components]
         e = torch.stack([p[0] for p in parts], 1)
         logits = self.log_weights.to(device=e.device, dtype=e.dtype)[None] - e
         return -torch.logsumexp(logits, 1), self._weighted(torch.softmax(logits, 1), x, lambda k: parts[k][1])
@@ -154,73 +162,39 @@ class Mixture(Composed):
         return out
 
 
-class Negation(Composed):
-    """p_base / p_other^alpha: energy E_b - alpha E_o, score s_b - alpha s_o (Du et al. eq. 10)."""
+class Negation(Linear):
+    """p_base / p_other^alpha: coefficients (1, -alpha) (Du et al. eq. 10)."""
 
     def __init__(self, base, other, alpha: float = 0.5):
-        self.components = tuple(_check_targets([base, other], "negation"))
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha}")
         self.alpha = float(alpha)
-
-    def energy(self, x, sigma):
-        s = as_sigma(sigma, x)
-        b, o = self.components
-        return _energy(b, x, s) - self.alpha * _energy(o, x, s)
-
-    def score(self, x, sigma):
-        s = as_sigma(sigma, x)
-        b, o = self.components
-        return _score(b, x, s) - self.alpha * _score(o, x, s)
-
-    def _coefficients(self):
-        return (1.0, -self.alpha)
+        super().__init__([base, other], [1.0, -self.alpha], "negation")
 
 
-class Tempered(Composed):
-    """p^beta: energy beta E, score beta s."""
+class Tempered(Linear):
+    """p^beta: coefficient beta."""
 
     def __init__(self, target, beta: float):
-        self.components = tuple(_check_targets([target], "tempered"))
         if not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be positive and finite, got {beta}")
         self.beta = float(beta)
-
-    def energy(self, x, sigma):
-        return self.beta * _energy(self.components[0], x, as_sigma(sigma, x))
-
-    def score(self, x, sigma):
-        return self.beta * _score(self.components[0], x, as_sigma(sigma, x))
-
-    def _coefficients(self):
-        return (self.beta,)
+        super().__init__([target], [self.beta], "tempered")
 
 
-class Conditional(Composed):
-    """Du et al. eq. 13: E(x) + sum_i w_i (E(x | y_i) - E(x)), conditional models given as targets."""
+class Conditional(Linear):
+    """Du et al. eq. 13: E(x) + sum_i w_i (E(x | y_i) - E(x)), i.e. coefficients (1 - sum_i w_i, w_1, ..., w_c) on
+    (unconditional, conditional models)."""
 
     def __init__(self, uncond, conds: Sequence[Any], weights=None):
         conds = _check_targets(conds, "conditional")
         self.uncond = _check_targets([uncond], "conditional")[0]
         self.conds = tuple(conds)
-        self.components = (self.uncond, *self.conds)
         w = [1.0] * len(conds) if weights is None else [float(v) for v in weights]
         if len(w) != len(conds) or not all(math.isfinite(v) for v in w):
             raise ValueError(f"conditional weights must be {len(conds)} finite numbers, got {weights}")
         self.weights = tuple(w)
-
-    def energy(self, x, sigma):
-        s = as_sigma(sigma, x)
-        eu = _energy(self.uncond, x, s)
-        return eu + sum(w * (_energy(c, x, s) - eu) for w, c in zip(self.weights, self.conds))
-
-    def score(self, x, sigma):
-        s = as_sigma(sigma, x)
-        su = _score(self.uncond, x, s)
-        return su + sum(w * (_score(c, x, s) - su) for w, c in zip(self.weights, self.conds))
-
-    def _coefficients(self):
-        return (1.0 - sum(self.weights), *self.weights)
+        super().__init__([self.uncond, *self.conds], [1.0 - sum(self.weights), *self.weights], "conditional")
 
 
 def product(*targets) -> Product:
@@ -246,3 +220,77 @@ def tempered(target, beta: float) -> Tempered:
 def conditional(uncond, conds: Sequence[Any], weights=None) -> Conditional:
     """log p(x | y_1..y_c) = log p(x) + sum_i w_i (log p(x | y_i) - log p(x)) (Du et al. eq. 13; w_i = 1 there)."""
     return Conditional(uncond, conds, weights)
+
+
+class Conditioned:
+    """A conditional model with its condition bound: energy(x, sigma) = E(x, sigma, cond=y) for every sample.
+
+    `y` is a class label (an int: broadcast to `[B]` int64) or a condition vector (broadcast to `[B, c]` in x's dtype).
+    """
+
+    def __init__(self, model: Any, cond: Any):
+        self.model = model
+        self.cond = cond
+        for attr in ("sigma_min", "sigma_max", "sigma_data"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    def _cond(self, x: Tensor):
+        c = torch.as_tensor(self.cond, device=x.device)
+        if c.ndim == 0:  # a class label
+            return c.long().expand(x.shape[0])
+        return c.to(x.dtype).reshape(1, -1).expand(x.shape[0], -1)  # a position / condition vector
+
+    def energy(self, x, sigma):
+        return self.model.energy(x, sigma, cond=self._cond(x))
+
+    def score(self, x, sigma):
+        return self.model.score(x, sigma, cond=self._cond(x))
+
+    def energy_and_grad(self, x, sigma):
+        return self.model.energy_and_grad(x, sigma, cond=self._cond(x))
+
+    def __call__(self, x, sigma, cond=None):
+        return self.model(x, sigma, cond=self._cond(x) if cond is None else cond)
+
+
+def conditioned(model: Any, y: Any) -> Conditioned:
+    """`model` with its condition bound to `y` (a class label or a condition vector): a target of x alone."""
+    return Conditioned(model, y)
+
+
+OPERATORS = {"product": product, "mixture": mixture, "negation": negation, "tempered": tempered,
+             "conditional": conditional}
+
+
+def parse(expr: str, models: Mapping[str, Any]) -> Any:
+    """The composition an expression such as `product(ring, tempered(strip, 2.0))` describes over `models`.
+
+    Python call syntax restricted to the model names, numbers (also negative), lists and the `OPERATORS` with
+    positional or keyword arguments; nothing else is evaluated (no attribute access, no other calls).
+    """
+    try:
+        tree = ast.parse(str(expr), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse composition expression {expr!r}: {e.msg}") from None
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Name):
+            if node.id in models:
+                return models[node.id]
+            raise ValueError(f"unknown model {node.id!r} in {expr!r}; defined: {', '.join(sorted(models))}")
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in OPERATORS:
+            return OPERATORS[node.func.id](*[ev(a) for a in node.args], **{k.arg: ev(k.value) for k in node.keywords})
+        raise ValueError(
+            f"unsupported syntax in {expr!r}: only model names, numbers, lists and "
+            f"{', '.join(OPERATORS)} calls are allowed")
+
+    return ev(tree)

@@ -10,6 +10,9 @@ and the probability-flow ODE derivative exist once, here, and nowhere else.
 Noise-level schedule (Karras et al. 2022, eq. 5):
     sigma_i = (smax^(1/rho) + i/(N-1) * (smin^(1/rho) - smax^(1/rho)))^rho,  i = 0..N-1, rho = 7.
 Training noise distribution: ln sigma ~ N(P_mean, P_std^2); loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2.
+EDM's defaults (Karras et al. 2022, table 1) are written once, as the constants SIGMA_MIN / SIGMA_MAX (the noise range
+of teachers and students), P_MEAN / P_STD (training noise levels) and RHO below; the Hydra config reads them as
+`${diffusion.sigma_min}`, ... (registered by `fkdiff.recipes`).
 EDM preconditioning: c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd/sqrt(sigma^2+sd^2),
 c_in = 1/sqrt(sigma^2+sd^2), c_noise = ln(sigma)/4.
 """
@@ -23,11 +26,20 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "SIGMA_MIN",
+    "SIGMA_MAX",
+    "P_MEAN",
+    "P_STD",
+    "RHO",
     "append_dims",
     "as_sigma",
+    "check_sigma",
+    "checked_sigma",
+    "is_checked",
     "check_batch",
     "sigma_schedule",
     "sample_training_sigma",
+    "sample_training_noise",
     "edm_loss_weight",
     "Precond",
     "edm_precond",
@@ -39,6 +51,12 @@ __all__ = [
     "vp_sigma_from_alpha_bar",
     "vp_alpha_bar_from_sigma",
 ]
+
+SIGMA_MIN = 0.002  # EDM's noise range [sigma_min, sigma_max] (Karras et al. 2022, table 1)
+SIGMA_MAX = 80.0
+P_MEAN = -1.2  # training noise levels: ln sigma ~ N(P_MEAN, P_STD^2)
+P_STD = 1.2
+RHO = 7.0  # the sampling schedule's exponent
 
 
 def append_dims(t: Tensor, ndim: int) -> Tensor:
@@ -62,13 +80,44 @@ def check_batch(x: Tensor, event_ndim: int | None = None, name: str = "x") -> No
         )
 
 
+_CHECKED = "_fkdiff_sigma_checked"
+
+
+def check_sigma(sigma: Tensor) -> None:
+    """Raise ValueError unless every entry of `sigma` is finite and > 0.
+
+    The one place sigma values are validated. The checks depend on the data, so on a GPU each call waits for the
+    device (a host sync): `as_sigma` calls it once where a user's value enters and marks the `[B]` tensor it returns
+    as checked, so the models below it (compositions, students, teachers) pass it on without checking again.
+    """
+    if not torch.isfinite(sigma).all():
+        raise ValueError("sigma must be finite")
+    if (sigma <= 0).any():
+        raise ValueError(f"sigma must be > 0 (got min {sigma.min().item():.3g}); the EDM convention has no sigma = 0 "
+                         "level")
+
+
+def checked_sigma(sigma: Tensor) -> Tensor:
+    """Mark a `[B]` sigma tensor whose values the caller guarantees finite and > 0 (e.g. a slice of a checked one, or
+    levels made by a validated schedule): `as_sigma` passes it through without `check_sigma`. Returns `sigma`."""
+    setattr(sigma, _CHECKED, True)
+    return sigma
+
+
+def is_checked(sigma) -> bool:
+    """Whether `sigma` is a tensor marked by `checked_sigma` / returned by `as_sigma`."""
+    return bool(getattr(sigma, _CHECKED, False))
+
+
 def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
     """Return sigma as a `[B]` tensor on `x`'s device and dtype, with B = x.shape[0].
 
     Accepts a Python float, a 0-dim tensor, a `[1]` tensor or a `[B]` tensor. Raises ValueError for sigma <= 0,
-    non-finite sigma, or a length that does not match the batch.
+    non-finite sigma (`check_sigma`, skipped for a tensor already checked: see `checked_sigma`), or a length that does
+    not match the batch. The result is marked as checked.
     """
     b = x.shape[0]
+    trusted = is_checked(sigma)
     # build Python numbers directly in x's dtype: torch.as_tensor(0.1) is float32 and would round sigma
     s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype) if not isinstance(sigma, Tensor) else sigma.to(
         device=x.device, dtype=x.dtype)
@@ -80,18 +129,16 @@ def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
         raise ValueError(
             f"sigma must be a float, a scalar tensor or a [B]={b} tensor, got shape {tuple(s.shape)}"
         )
-    if not torch.isfinite(s).all():
-        raise ValueError("sigma must be finite")
-    if (s <= 0).any():
-        raise ValueError(f"sigma must be > 0 (got min {s.min().item():.3g}); the EDM convention has no sigma = 0 level")
-    return s
+    if not trusted:
+        check_sigma(s)
+    return checked_sigma(s)
 
 
 def sigma_schedule(
     num_steps: int,
     sigma_min: float,
     sigma_max: float,
-    rho: float = 7.0,
+    rho: float = RHO,
     append_zero: bool = False,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -115,8 +162,8 @@ def sigma_schedule(
 
 def sample_training_sigma(
     n: int,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
+    p_mean: float = P_MEAN,
+    p_std: float = P_STD,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -124,6 +171,27 @@ def sample_training_sigma(
     """EDM training noise levels: ln sigma ~ N(p_mean, p_std^2). Shape `[n]`."""
     z = torch.randn(n, generator=generator, device=device, dtype=dtype)
     return (p_mean + p_std * z).exp()
+
+
+def sample_training_noise(
+    x0: Tensor,
+    generator: torch.Generator,
+    p_mean: float = P_MEAN,
+    p_std: float = P_STD,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[Tensor, Tensor]:
+    """(sigma `[B]`, eps `[B, *event]`) for the rows `x0 [B, *event]`, on x0's device and dtype.
+
+    Drawn on the CPU from `generator` (a CPU generator, so the numbers do not depend on the device): first the global
+    batch's ln sigma ~ N(p_mean, p_std^2), then its eps ~ N(0, I). With `shard = (rank, world_size)`, x0 holds rows
+    rank, rank + w, ... of a global batch of B * w rows: the noise of the whole global batch is drawn and the same rows
+    are kept, so a row's noise does not depend on the number of processes.
+    """
+    rank, world = shard
+    n = x0.shape[0] * world
+    sigma = sample_training_sigma(n, p_mean, p_std, generator=generator)[rank::world].to(x0)
+    eps = torch.randn((n, *x0.shape[1:]), generator=generator, dtype=x0.dtype)[rank::world].to(x0.device)
+    return sigma, eps
 
 
 def edm_loss_weight(sigma: Tensor, sigma_data: float) -> Tensor:

@@ -1,22 +1,23 @@
-"""Entry point: distil a diffusion teacher into an energy student (DESIGN.md sections 3-4).
+"""Entry point: distil a diffusion teacher into an energy student (DESIGN.md sections 3-4; docs/conventions.md).
 
     python -m fkdiff.distill                                   # recipe toy2d: the analytic 2D teachers, CPU, minutes
-    python -m fkdiff.distill recipe=digits teacher.path=<run>/teacher.pt
+    python -m fkdiff.distill recipe=digits teacher.path=runs/digits-teacher/teacher.pt
     python -m fkdiff.distill distill.target=data               # the E-DSM baseline (target x_0 instead of the teacher)
-    python -m fkdiff.distill run_dir=<earlier run> distill.ckpt_path=last    # resume exactly
-    python -m fkdiff.distill trainer.devices=2 trainer.strategy=ddp         # DDP (gloo on CPU, nccl on GPUs)
+    python -m fkdiff.distill run_dir=runs/toy2d distill.ckpt_path=last    # resume exactly
+    python -m fkdiff.distill trainer.devices=2 trainer.strategy=ddp      # DDP (gloo on CPU, nccl on GPUs)
+    python -m fkdiff.distill --help                            # groups, recipes, key options
 
 `distill(cfg)` is a plain function (tests call it): it wires the teacher (`teachers.load_teacher`), the data
-(`fkdiff.data.build_datamodule`), the student (`fkdiff.energy.build_student`) and the Lightning module
-(`fkdiff.distillation.DistillationModule`), trains, and writes into `run_dir`:
+(`fkdiff.training.build_datamodule_from_config`), the student (`fkdiff.energy.build_student`), the Lightning module
+(`fkdiff.distillation.DistillationModule`) and the trainer (`fkdiff.training.build_trainer`), trains, and writes into
+`run_dir`:
     config.yaml                     the resolved config
     <name>/checkpoints/last.ckpt    Lightning checkpoints (EMA weights in state_dict, optimizer, step, EMA state)
     <name>/student.pt               the final EMA student, for `fkdiff.load_energy`
     <name>/plots/                   validation plots (exp(-E) + ODE samples, or image grids)
     <name>/wandb/ | <name>/csv/     logger files (W&B offline by default)
-    densities.png, report.json      toy2d: learnt exp(-E) beside the true densities; excess error per sigma bucket
-`<name>` is the teacher's preset for analytic teachers (one student per preset), else `student`.
-Only this module (and other entry points) import Hydra.
+    densities.png, report.json      toy2d: learnt exp(-E) beside the true densities; errors per sigma bucket
+`<name>` is the teacher's preset for analytic teachers (one student per preset of `teacher.preset`), else `student`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN
 
 __all__ = ["distill", "main", "StudentRun"]
 
@@ -40,42 +43,29 @@ def _container(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def _datamodule(data_cfg: Mapping, **override):
-    from fkdiff.data import build_datamodule
-
-    data = dict(data_cfg)
-    name = data.pop("name")
-    data.update(override)
-    return build_datamodule(name, **{k: v for k, v in data.items() if v is not None})
-
-
 def _jobs(cfg: DictConfig) -> list[tuple[str, Any, Any]]:
     """(name, teacher, datamodule) for every student to distil."""
+    from fkdiff.training import build_datamodule_from_config
     from teachers import load_teacher
 
     tcfg = _container(cfg.teacher)
-    data_cfg = _container(cfg.data)
-    presets = cfg.distill.get("presets")
+    val_batch = int(cfg.distill.plot.val_examples)  # validation: one batch of the first val_examples examples
     if tcfg.get("kind") == "analytic":
-        names = presets if presets else tcfg.get("preset")
-        names = [names] if isinstance(names, str) else list(names or [])
-        if not names:
-            raise ValueError("teacher.kind=analytic needs teacher.preset or distill.presets (names from "
-                             "teachers.presets.PRESETS)")
-        jobs = []
-        for name in names:
-            teacher = load_teacher({**tcfg, "preset": name})
-            dm = _datamodule(data_cfg, preset=teacher) if data_cfg.get("name") == "toy2d" else _datamodule(data_cfg)
-            jobs.append((str(name), teacher, dm))
-        return jobs
+        teachers = load_teacher(tcfg)
+        names = [tcfg["preset"]] if isinstance(tcfg["preset"], str) else list(tcfg["preset"])
+        teachers = [teachers] if isinstance(tcfg["preset"], str) else teachers
+        toy = cfg.data.name == "toy2d"  # its data are samples of the teacher being distilled
+        return [(str(name), t, build_datamodule_from_config(cfg.data, preset=t if toy else None,
+                                                            val_batch_size=val_batch))
+                for name, t in zip(names, teachers)]
     if tcfg.get("kind") == "checkpoint" and not tcfg.get("path"):
-        recipe = data_cfg.get("name", "<recipe>")
+        recipe = cfg.data.name
         raise FileNotFoundError(
             f"recipe {recipe!r} distils a trained teacher but teacher.path is not set. Train one with "
-            f"`python -m teachers.train recipe={recipe}` (it writes <run_dir>/teacher.pt), then run "
-            f"`python -m fkdiff.distill recipe={recipe} teacher.path=<that run_dir>/teacher.pt`"
+            f"`python -m teachers.train recipe={recipe} run_dir=runs/{recipe}-teacher` (it writes <run_dir>/teacher.pt),"
+            f" then run `python -m fkdiff.distill recipe={recipe} teacher.path=runs/{recipe}-teacher/teacher.pt`"
             + (" data.root=<folder with cifar-10-batches-py>" if recipe == "cifar10" else ""))
-    return [("student", load_teacher(tcfg), _datamodule(data_cfg))]
+    return [("student", load_teacher(tcfg), build_datamodule_from_config(cfg.data, val_batch_size=val_batch))]
 
 
 def _build_student(cfg: DictConfig, teacher, dm):
@@ -93,7 +83,8 @@ def _build_student(cfg: DictConfig, teacher, dm):
         cond_kind=dm.cond_kind if conditional else "none",
         num_classes=getattr(dm, "num_classes", None) if conditional else None,
         cond_dim=getattr(dm, "cond_dim", None) if conditional else None,
-        sigma_min=float(getattr(teacher, "sigma_min", 0.002)), sigma_max=float(getattr(teacher, "sigma_max", 80.0)),
+        sigma_min=float(getattr(teacher, "sigma_min", SIGMA_MIN)),
+        sigma_max=float(getattr(teacher, "sigma_max", SIGMA_MAX)),
         l2_init_scale=float(scfg.get("l2_init_scale", 0.1)))
     warm = scfg.get("warm_start", "auto")
     copied = False
@@ -102,53 +93,44 @@ def _build_student(cfg: DictConfig, teacher, dm):
     return student, copied
 
 
-def _seed_everything(seed: int) -> None:
+def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run_dir: Path) -> StudentRun:
     import lightning.pytorch as pl
 
-    pl.seed_everything(int(seed), workers=True, verbose=False)
-
-
-def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> StudentRun:
-    from fkdiff.distillation import (DistillationModule, FinalCheckpoint, denoiser_error_by_bucket,
+    from fkdiff.distillation import (DenoiserMatchingLoss, DistillationModule, SamplePlots, denoiser_error_by_bucket,
                                       energy_gap_error_by_bucket)
     from fkdiff.energy import save_student
-    from fkdiff.training import build_logger, build_trainer, resolve_ckpt_path
+    from fkdiff.seeding import seeded_generator
+    from fkdiff.training import build_logger, build_trainer, finish_logger, resolve_ckpt_path
 
     dcfg = cfg.distill
-    _seed_everything(cfg.seed)  # the student's initial weights are a function of the seed
-    student, warm = _build_student(cfg, teacher, dm)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the student's initial weights
     dm.setup("fit")
-    train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
+    student, warm = _build_student(cfg, teacher, dm)
     sub = run_dir / name
+    loss = DenoiserMatchingLoss(student.sigma_data, str(dcfg.target), float(dcfg.p_mean), float(dcfg.p_std),
+                                str(dcfg.weighting))
     module = DistillationModule(
-        student, teacher, target=str(dcfg.target), sigma_data=student.sigma_data, p_mean=float(dcfg.p_mean),
-        p_std=float(dcfg.p_std), weighting=str(dcfg.weighting), lr=float(dcfg.lr), betas=tuple(dcfg.betas),
-        weight_decay=float(dcfg.weight_decay), warmup_steps=int(dcfg.warmup_steps), seed=int(cfg.seed),
-        sigma_buckets=list(dcfg.sigma_buckets), diagnostics_every_n_steps=int(dcfg.diagnostics_every_n_steps or 0),
-        train_data=(train_loader.dataset, train_loader.collate_fn),
-        val_data=(val_loader.dataset, val_loader.collate_fn), batch_size=int(cfg.data.batch_size),
-        plot=_container(dcfg.plot), plot_dir=sub / "plots", run_config=_container(cfg))
-    tr = _container(cfg.trainer)
-    if dcfg.get("max_steps"):
-        tr["max_steps"] = int(dcfg.max_steps)
-    if dcfg.get("gradient_clip_val") is not None:
-        tr["gradient_clip_val"] = float(dcfg.gradient_clip_val)
+        student, teacher, loss, lr=float(dcfg.lr), betas=tuple(dcfg.betas), weight_decay=float(dcfg.weight_decay),
+        warmup_steps=int(dcfg.warmup_steps), seed=int(cfg.seed), sigma_buckets=list(dcfg.sigma_buckets),
+        diagnostics_every_n_steps=int(dcfg.diagnostics_every_n_steps or 0), run_config=_container(cfg))
+    tr = dict(trainer_cfg)
     tr.setdefault("val_check_interval", int(dcfg.val_every_n_steps))
-    tr.setdefault("check_val_every_n_epoch", None)
+    tr.setdefault("limit_val_batches", 1)        # one batch of val_examples examples
     tr.setdefault("num_sanity_val_steps", 0)
     tr.setdefault("inference_mode", False)       # validation differentiates the energy
-    tr.setdefault("use_distributed_sampler", False)  # StepBatches shards the global batch itself
-    if dcfg.get("checkpoint_every_n_steps"):
-        tr["checkpoint_every_n_steps"] = int(dcfg.checkpoint_every_n_steps)
+    plot = _container(dcfg.plot)
+    callbacks = [SamplePlots(sub / "plots", int(cfg.seed), num_steps=plot.get("num_steps"),
+                             num_samples=plot.get("num_samples"), lim=plot.get("lim"), sigma=plot.get("sigma"),
+                             grid=plot.get("grid"))] if plot.get("enabled", True) else []
     logger = build_logger(cfg.logger, sub, name=f"distill-{cfg.data.name}-{name}", config=_container(cfg))
-    trainer = build_trainer(tr, sub, logger=logger, ema_decay=dcfg.get("ema_decay"),
-                            callbacks=[FinalCheckpoint()])
-    ckpt = resolve_ckpt_path(dcfg.get("ckpt_path"), sub)
-    trainer.fit(module, ckpt_path=ckpt)
-    _finish_wandb(logger)
+    trainer = build_trainer(tr, sub, logger=logger, callbacks=callbacks, ema_decay=dcfg.get("ema_decay"),
+                            checkpoint_every_n_steps=dcfg.get("checkpoint_every_n_steps"))
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(dcfg.get("ckpt_path"), sub),
+                weights_only=True)  # resume never unpickles code (any torch version)
+    finish_logger(logger)
     result = StudentRun(name=name, student=student, teacher=teacher, run_dir=str(sub), warm_start=warm,
                         step=int(trainer.global_step), checkpoint=str(sub / "checkpoints" / "last.ckpt"))
-    if trainer.global_rank != 0:
+    if not trainer.is_global_zero:
         return result
     student.eval()
     result["student_path"] = str(save_student(student, sub / "student.pt", step=int(trainer.global_step),
@@ -156,7 +138,7 @@ def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> Stud
     ev = _container(dcfg.get("eval")) or {}
     if ev.get("enabled", True) and getattr(teacher, "sample", None) is not None:
         # analytic teacher: its denoiser is exact, so this is the student's excess error over the optimum
-        g = torch.Generator().manual_seed(int(cfg.seed) + 1)
+        g = seeded_generator(int(cfg.seed), stream="eval")
         x0 = teacher.sample(int(ev.get("num_samples", 4096)), generator=g).float()
         result["errors"] = denoiser_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g)
         if callable(getattr(teacher, "energy", None)):
@@ -164,57 +146,30 @@ def _distill_one(cfg: DictConfig, name: str, teacher, dm, run_dir: Path) -> Stud
     return result
 
 
-def _finish_wandb(logger) -> None:
-    if type(logger).__name__ == "WandbLogger":
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-
-
-def plot_densities(runs: list[StudentRun], path: Path, sigma: float, lim: float = 1.5, grid: int = 120) -> Path:
-    """Learnt exp(-E_theta(x, sigma)) beside the true exp(-E(x, sigma)), one row per analytic teacher."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fkdiff.distillation import energy_grid
-
-    fig, axes = plt.subplots(len(runs), 2, figsize=(6, 3 * len(runs)), squeeze=False)
-    for row, run in zip(axes, runs):
-        for ax, model, title in ((row[0], run["teacher"], "true"), (row[1], run["student"], "student exp(-E)")):
-            dens = energy_grid(model, lim, grid, sigma)
-            ax.imshow(dens.T.numpy(), origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
-            ax.set_title(f"{run['name']}: {title}, sigma={sigma:g}", fontsize=8)
-            ax.set_xticks([]), ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def distill(cfg: DictConfig) -> list[StudentRun]:
     """Distil every student the config asks for; returns one `StudentRun` per student (see module docstring)."""
-    from fkdiff.training import save_config
+    from fkdiff.distillation import plot_densities
+    from fkdiff.training import save_config, task_trainer_config
 
     torch.set_float32_matmul_precision("high")
+    trainer_cfg = task_trainer_config(cfg, "distill")  # one knob per setting: fails before anything runs
     if cfg.distill.get("num_threads"):
         torch.set_num_threads(int(cfg.distill.num_threads))
     run_dir = Path(str(cfg.run_dir)).absolute()
+    jobs = _jobs(cfg)  # loads the teachers: a missing one fails before the run folder is written
     rank0 = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
     if rank0:
         save_config(cfg, run_dir)
-    runs = [_distill_one(cfg, name, teacher, dm, run_dir) for name, teacher, dm in _jobs(cfg)]
+    runs = [_distill_one(cfg, trainer_cfg, name, teacher, dm, run_dir) for name, teacher, dm in jobs]
     if not rank0 or not runs or "student_path" not in runs[0]:
         return runs
     report = {"run_dir": str(run_dir), "students": {}}
     for r in runs:
         keys = ("student_path", "checkpoint", "step", "warm_start", "errors", "energy_errors")
         report["students"][r["name"]] = {k: r[k] for k in keys if k in r}
-    if all(len(r["student"].event_shape) == 1 and r["student"].event_shape[0] == 2 for r in runs) and \
-            all(callable(getattr(r["teacher"], "energy", None)) for r in runs):
-        report["densities"] = str(plot_densities(runs, run_dir / "densities.png", float(cfg.distill.plot.sigma),
+    if all(tuple(r["student"].event_shape) == (2,) and callable(getattr(r["teacher"], "energy", None)) for r in runs):
+        rows = [(r["name"], r["teacher"], r["student"]) for r in runs]
+        report["densities"] = str(plot_densities(rows, run_dir / "densities.png", float(cfg.distill.plot.sigma),
                                                  float(cfg.distill.plot.lim)))
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     _print_report(report)
@@ -238,21 +193,10 @@ def _print_report(report: dict) -> None:
     print(f"  report: {report['run_dir']}/report.json; load a student with fkdiff.load_energy(<student.pt>)")
 
 
-def _task(cfg: DictConfig):
-    # under DDP Lightning relaunches this script with hydra.run.dir fixed: take the run folder from Hydra, so a
-    # `${now:...}` run_dir resolves to the same folder in every process
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        OmegaConf.set_struct(cfg, False)
-        cfg.run_dir = str(HydraConfig.get().run.dir)
-    distill(cfg)
-
-
 def main() -> None:
     from fkdiff.recipes import main as recipes_main
 
-    recipes_main(_task, task="distill")
+    recipes_main(distill, task="distill")
 
 
 if __name__ == "__main__":

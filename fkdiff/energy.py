@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from fkdiff.diffusion import append_dims, as_sigma, check_batch, edm_precond
+from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, edm_precond
 from fkdiff.nets import build_backbone
 
 __all__ = ["G_KINDS", "FORMAT", "EnergyStudent", "build_student", "warm_start_from", "save_student", "load_energy"]
@@ -60,7 +60,7 @@ class EnergyStudent(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, event_shape, sigma_data: float, g: str = "l2", *,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, l2_init_scale: float = 0.1,
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, l2_init_scale: float = 0.1,
                  config: Mapping[str, Any] | None = None):
         super().__init__()
         if g not in G_KINDS:
@@ -154,7 +154,7 @@ def _output_layer(backbone: nn.Module) -> nn.Module | None:
 
 def build_student(event_shape, sigma_data: float, g: str = "l2", *, backbone: Mapping[str, Any] | None = None,
                   cond_kind: str = "none", num_classes: int | None = None, cond_dim: int | None = None,
-                  sigma_min: float = 0.002, sigma_max: float = 80.0, l2_init_scale: float = 0.1) -> EnergyStudent:
+                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, l2_init_scale: float = 0.1) -> EnergyStudent:
     """An `EnergyStudent` over `fkdiff.nets.build_backbone(event_shape, **backbone)` (MLP for (d,), UNet for (C,H,W)).
 
     Every argument is plain data, stored in `student.config`, so `build_student(**student.config)` rebuilds it.

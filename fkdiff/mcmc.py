@@ -11,15 +11,24 @@ grad_x logp [N, *event])` and moves the whole population at once, with a per-par
   (the algorithm's two momentum negations cancel on acceptance and flip the momentum on rejection).
 - `MALA` — Metropolis-adjusted Langevin (Besag 1994; Du et al. eq. 4 plus correction):
       x' = x + (eps^2 / 2) grad logp(x) + eps z,  accepted with the Metropolis–Hastings ratio of the Gaussian proposals.
+- `RWM` — random-walk Metropolis (Metropolis et al. 1953): x' = x + eps z, accepted with min(1, pi(x') / pi(x)).
+  It ignores the gradient in its move (robust where scores are noisy or stiff, e.g. near hard constraints); the
+  gradient it carries only sets the population step size. Optimal acceptance about 0.23-0.44 (Roberts, Gelman &
+  Gilks 1997 in high dimension; higher in 1-2D): `target_accept` 0.3.
 - `ULA`, `UHMC` — the same moves without the correction (Du et al. eq. 4; Geffner & Domke 2021). They are
   *approximate*: they leave a perturbed law invariant (e.g. ULA on N(0, s^2) at step eps has stationary variance
   s^2 / (1 - eps^2 / (4 s^2))). `kernel.adjusted` is False for them and `info.acceptance` is 1.
 
-Step size (DESIGN.md section 5, "what reference runs taught"; Du et al. appendix C.2): unless a float is given,
+Step size, outside the kernels (the blackjax pattern; DESIGN.md section 5, "what reference runs taught"; Du et al.
+appendix C.2). A kernel is a pure move `kernel.step(state, logdensity_fn, step_size, generator) -> (state, info)` on
+a `ChainState(x, logp, grad)` with a typed `MoveInfo`; `StepSizeAdapter(kernel, gather)` chooses the step size and
+adapts it from call to call (level to level in SMC). Unless the kernel has a fixed `step_size`,
     eps = c / sqrt(median_n mean_d (grad logp(x_n))_d^2),
 a population scale (the median, so that a few boundary particles with huge gradients do not shrink everyone's step)
-that tracks sigma for free, times a constant `c` adapted from call to call (level to level in SMC):
+that tracks sigma for free, times a constant `c` adapted toward the kernel's `target_accept`:
     log c <- log c + adapt_gain * (mean acceptance - target_accept).
+The median and the mean run over the whole population: `gather` collects the rows held elsewhere (a sharded SMC
+population, fkdiff.smc.distributed), so every process uses and carries the same step size.
 Unadjusted kernels do not adapt `c` (they have no acceptance to adapt on; their would-be Metropolis acceptance is
 reported as `info.mh_acceptance` at no extra evaluation): they use `init_scale` times the population scale, or the
 fixed step size. Adapting them on the would-be acceptance was tried and drove them past the integrator's stability
@@ -32,42 +41,83 @@ whose Hamiltonian error exceeds `divergence_threshold` nats are counted as diver
 All randomness comes from the `generator` argument, drawn for the whole population at once. No autograd graph is
 kept: positions are detached and `logdensity_fn` is expected to return detached tensors (see `target_logdensity`).
 
-Interface (blackjax style: the kernel is pure, the adaptation state is carried by the caller):
-    kernel = HMC(num_steps=1, num_leapfrog=3, step_size=None, target_accept=0.65, damping=0.0)   # keyword-only
-    state = kernel.init_state()                                       # MCMCState (frozen): log c and last numbers
-    x, state, info = kernel(x, logdensity_fn, generator=g, state=state, logp=None, grad=None)
+Interface:
+    kernel = HMC(num_steps=1, num_leapfrog=3, step_size=None, target_accept=0.7, damping=0.0)   # the rest keyword-only
+    chain = kernel.init(x, logdensity_fn)                                  # ChainState(x, logp, grad)
+    chain, move = kernel.step(chain, logdensity_fn, 0.1, generator)        # the pure move at a given step size
+    adapter = StepSizeAdapter(kernel)                                      # or kernel.for_population(population)
+    state = adapter.init_state()                                           # MCMCState (frozen): log c, last numbers
+    x, state, info = adapter(x, logdensity_fn, generator=g, state=state, logp=None, grad=None)
+    x, state, info = kernel(x, logdensity_fn, generator=g, state=state)    # the same, one population here
     x, state, infos = run(kernel, x0, logdensity_fn, num_iters=..., generator=g)          # standalone driver
 `info.logp` / `info.grad` are the values at the returned positions: pass them to the next call to save an evaluation.
+`KERNELS` / `build({kind: ..., **arguments})`: the kernels by name (the command line's `sample/mcmc` group).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import KW_ONLY, dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
 
+from fkdiff.diffusion import check_sigma, checked_sigma
 from fkdiff.targets import energy_and_score
 
 __all__ = [
+    "ChainState",
+    "MoveInfo",
     "MCMCState",
     "MCMCInfo",
     "Kernel",
+    "StepSizeAdapter",
     "HMC",
     "MALA",
     "ULA",
     "UHMC",
+    "RWM",
     "population_scale",
     "scale_from_mean_squared_grad",
     "run",
     "target_logdensity",
+    "KERNELS",
+    "build",
 ]
 
 LogDensityFn = Callable[[Tensor], "tuple[Tensor, Tensor]"]
 
 _LOG_C_MIN, _LOG_C_MAX = math.log(1e-6), math.log(1e3)
+
+
+class ChainState(NamedTuple):
+    """What a chain carries from move to move: positions `x` `[N, *event]`, `logp` `[N]` float64 and `grad`
+    `[N, *event]` at x (so a move evaluates only its proposals)."""
+
+    x: Tensor
+    logp: Tensor
+    grad: Tensor
+
+
+@dataclass(frozen=True)
+class MoveInfo:
+    """What one `Kernel.step` did.
+
+    acceptance    `[N]` float64: mean Metropolis acceptance probability min(1, ratio) per particle over the move's
+                  steps (1.0 for unadjusted kernels)
+    mh_acceptance `[N]` float64: the same Metropolis probability, also for unadjusted kernels (what it would have been)
+    num_evals     logdensity+grad evaluations per particle
+    num_divergent proposals (summed over particles and steps) with Hamiltonian/MH error > divergence_threshold
+    num_nonfinite proposals rejected because logp, position or gradient was NaN/inf
+    """
+
+    acceptance: Tensor
+    mh_acceptance: Tensor
+    num_evals: int
+    num_divergent: int
+    num_nonfinite: int
 
 
 @dataclass(frozen=True)
@@ -86,17 +136,8 @@ class MCMCState:
 
 @dataclass(frozen=True)
 class MCMCInfo:
-    """Diagnostics of one kernel call.
-
-    acceptance    `[N]` float64: mean Metropolis acceptance probability min(1, ratio) per particle over the call's steps
-                  (1.0 for unadjusted kernels). Its population mean drives the step-size adaptation.
-    mh_acceptance `[N]` float64: the same Metropolis probability, also for unadjusted kernels (what it would have been).
-    step_size     float used in this call.
-    num_evals     logdensity+grad evaluations per particle in this call.
-    num_divergent proposals (summed over particles and steps) with Hamiltonian/MH error > divergence_threshold.
-    num_nonfinite proposals rejected because logp, position or gradient was NaN/inf.
-    logp, grad    logp `[N]` and grad `[N, *event]` at the returned positions (pass them to the next call).
-    """
+    """Diagnostics of one adapted call (`StepSizeAdapter.__call__`): the move's `MoveInfo` fields, the step size it
+    used, and logp `[N]` / grad `[N, *event]` at the returned positions (pass them to the next call)."""
 
     acceptance: Tensor
     mh_acceptance: Tensor
@@ -117,7 +158,11 @@ def population_scale(grad: Tensor) -> float:
 
     Non-finite rows are ignored; a zero or undefined median (a flat density) falls back to the mean, then to 1.
     """
-    return scale_from_mean_squared_grad(grad.detach().double().flatten(1).pow(2).mean(1))
+    return scale_from_mean_squared_grad(_mean_squared(grad))
+
+
+def _mean_squared(grad: Tensor) -> Tensor:
+    return grad.detach().double().flatten(1).pow(2).mean(1)
 
 
 def scale_from_mean_squared_grad(msg: Tensor) -> float:
@@ -156,7 +201,8 @@ def _bcast(mask: Tensor, x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Kernel:
-    """Shared plumbing: step-size choice, adaptation, acceptance bookkeeping. Subclasses implement `_move`."""
+    """A pure move `step` (subclasses) plus the settings its `StepSizeAdapter` reads (step_size, target_accept,
+    init_scale, adapt_gain, max_step_size). Calling the kernel runs it through an adapter over one local population."""
 
     num_steps: int = 1
     _: KW_ONLY
@@ -179,58 +225,16 @@ class Kernel:
         if not self.init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
 
-    # -- adaptation ------------------------------------------------------------------------------
-    def init_state(self) -> MCMCState:
-        return MCMCState(log_scale=math.log(self.init_scale))
-
-    def current_step_size(self, state: MCMCState, grad: Tensor) -> float:
-        """The step size this call uses: the fixed one, or c * population_scale(grad), capped by max_step_size."""
-        if self.step_size is not None:
-            return float(self.step_size)
-        eps = math.exp(state.log_scale) * population_scale(grad)
-        if self.max_step_size is not None:
-            eps = min(eps, float(self.max_step_size))
-        return eps
-
-    def _adapt(self, state: MCMCState, mean_acc: float, eps: float) -> MCMCState:
-        log_c = state.log_scale
-        if self.step_size is None and self.adjusted and math.isfinite(mean_acc):
-            log_c = min(max(log_c + self.adapt_gain * (mean_acc - self.target_accept), _LOG_C_MIN), _LOG_C_MAX)
-        return replace(state, log_scale=log_c, num_calls=state.num_calls + 1, acceptance=mean_acc, step_size=eps)
-
-    # -- one call ----------------------------------------------------------------------------------
-    def __call__(
-        self,
-        x: Tensor,
-        logdensity_fn: LogDensityFn,
-        *,
-        generator: torch.Generator | None,
-        state: MCMCState,
-        logp: Tensor | None = None,
-        grad: Tensor | None = None,
-    ) -> tuple[Tensor, MCMCState, MCMCInfo]:
-        """Run `num_steps` steps on every particle of `x` `[N, *event]`.
-
-        `logp` `[N]` / `grad` `[N, *event]` at `x` may be passed to save one evaluation.
-        Returns (x_new `[N, *event]`, adapted state, MCMCInfo).
-        """
+    # -- the pure move -----------------------------------------------------------------------------
+    def init(self, x: Tensor, logdensity_fn: LogDensityFn) -> ChainState:
+        """The chain state at positions x `[N, *event]` (one evaluation); NaN logp -> -inf."""
         x = x.detach()
-        num_evals = 0
-        if logp is None or grad is None:
-            logp, grad = _evaluate(logdensity_fn, x)
-            num_evals += 1
-        else:
-            logp, grad = logp.detach().double(), grad.detach().to(x.dtype)
-        logp = torch.where(torch.isnan(logp), torch.full_like(logp, -math.inf), logp)
-        eps = self.current_step_size(state, grad)
-        x, logp, grad, acc, mh_acc, evals, n_div, n_bad = self._move(x, logp, grad, logdensity_fn, eps, generator)
-        num_evals += evals
-        mean_acc = float(mh_acc.mean())
-        info = MCMCInfo(acceptance=acc, mh_acceptance=mh_acc, step_size=eps, num_evals=num_evals,
-                        num_divergent=n_div, num_nonfinite=n_bad, logp=logp, grad=grad)
-        return x, self._adapt(state, mean_acc, eps), info
+        logp, grad = _evaluate(logdensity_fn, x)
+        return ChainState(x, torch.where(torch.isnan(logp), torch.full_like(logp, -math.inf), logp), grad)
 
-    def _move(self, x, logp, grad, logdensity_fn, eps, generator):  # pragma: no cover - abstract
+    def step(self, state: ChainState, logdensity_fn: LogDensityFn, step_size: float,
+             generator: torch.Generator | None) -> tuple[ChainState, MoveInfo]:  # pragma: no cover - abstract
+        """`num_steps` moves of every particle at `step_size`; returns the new chain state and what the move did."""
         raise NotImplementedError
 
     def _accept(self, log_ratio: Tensor, ok: Tensor, generator, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -241,6 +245,111 @@ class Kernel:
             return prob, ok
         u = torch.rand(log_ratio.shape[0], generator=generator, dtype=torch.float64, device=x.device)
         return prob, ok & (u < prob)
+
+    def _metropolis(self, state: ChainState, proposal: ChainState, log_ratio: Tensor, generator,
+                    ok: Tensor | None = None) -> tuple[ChainState, Tensor, Tensor, int, int]:
+        """One per-particle Metropolis–Hastings decision between `state` and `proposal` (log acceptance ratio
+        `log_ratio` `[N]`; always taken by unadjusted kernels; never for a non-finite proposal or where `ok` is False).
+        Returns (new state, acceptance probability `[N]`, accepted `[N]`, number non-finite, number divergent)."""
+        x, logp, grad = state
+        xn, lpn, gn = proposal
+        finite = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(gn) & (True if ok is None else ok)
+        prob, accept = self._accept(log_ratio, finite, generator, x)
+        n_div = int((finite & (-log_ratio > self.divergence_threshold)).sum())
+        m = _bcast(accept, x)
+        new = ChainState(torch.where(m, xn, x), torch.where(accept, lpn, logp), torch.where(m, gn, grad))
+        return new, prob, accept, int((~finite).sum()), n_div
+
+    def _info(self, mh_sum: Tensor, num_evals: int, n_div: int, n_bad: int) -> MoveInfo:
+        k = self.num_steps
+        acc = mh_sum / k if self.adjusted else torch.ones_like(mh_sum)
+        return MoveInfo(acceptance=acc, mh_acceptance=mh_sum / k, num_evals=num_evals, num_divergent=n_div,
+                        num_nonfinite=n_bad)
+
+    # -- with step-size adaptation -------------------------------------------------------------------
+    def for_population(self, population: Any = None) -> "StepSizeAdapter":
+        """This kernel behind a `StepSizeAdapter` whose reductions run over `population` (anything with
+        `gather(rows [n, ...]) -> [N, ...]`, e.g. a fkdiff.smc Population; None: the rows given are everything)."""
+        return StepSizeAdapter(self, None if population is None else population.gather)
+
+    def init_state(self) -> MCMCState:
+        return StepSizeAdapter(self).init_state()
+
+    def __call__(self, x: Tensor, logdensity_fn: LogDensityFn, *, generator: torch.Generator | None,
+                 state: MCMCState, logp: Tensor | None = None,
+                 grad: Tensor | None = None) -> tuple[Tensor, MCMCState, MCMCInfo]:
+        """`StepSizeAdapter(self)(...)`: one adapted call on a population held here (see StepSizeAdapter)."""
+        return StepSizeAdapter(self)(x, logdensity_fn, generator=generator, state=state, logp=logp, grad=grad)
+
+
+class StepSizeAdapter:
+    """A kernel with its step size chosen and adapted from the whole population (see the module docstring).
+
+    eps = the kernel's fixed step_size, or c * scale_from_mean_squared_grad(all N particles' mean squared gradients),
+    capped by max_step_size; after the move log c <- log c + adapt_gain (mean mh_acceptance over all N - target_accept)
+    for adjusted kernels. `gather` maps this process's rows `[n, ...]` to the whole population's `[N, ...]` (identity
+    by default), so sharded populations keep one step size on every process.
+    """
+
+    def __init__(self, kernel: Kernel, gather: Callable[[Tensor], Tensor] | None = None):
+        if not callable(getattr(kernel, "step", None)):
+            raise TypeError(f"StepSizeAdapter wraps a kernel with a pure move step(state, logdensity_fn, step_size, "
+                            f"generator); got {type(kernel).__name__}")
+        self.kernel = kernel
+        self.gather = gather if gather is not None else (lambda t: t)
+
+    def for_population(self, population: Any = None) -> "StepSizeAdapter":
+        return self.kernel.for_population(population)
+
+    def init_state(self) -> MCMCState:
+        return MCMCState(log_scale=math.log(self.kernel.init_scale))
+
+    def step_size(self, state: MCMCState, grad: Tensor) -> float:
+        """The step size of this call: the fixed one, or c * the population scale of `grad`, capped by max_step_size."""
+        k = self.kernel
+        if k.step_size is not None:
+            return float(k.step_size)
+        eps = math.exp(state.log_scale) * scale_from_mean_squared_grad(self.gather(_mean_squared(grad)))
+        if k.max_step_size is not None:
+            eps = min(eps, float(k.max_step_size))
+        return eps
+
+    def update(self, state: MCMCState, mh_acceptance: Tensor, eps: float) -> MCMCState:
+        """The state after a call at step `eps` whose per-particle Metropolis probabilities were `mh_acceptance`."""
+        k = self.kernel
+        mean_acc = float(self.gather(mh_acceptance.detach().double()).mean())
+        log_c = state.log_scale
+        if k.step_size is None and k.adjusted and math.isfinite(mean_acc):
+            log_c = min(max(log_c + k.adapt_gain * (mean_acc - k.target_accept), _LOG_C_MIN), _LOG_C_MAX)
+        return replace(state, log_scale=log_c, num_calls=state.num_calls + 1, acceptance=mean_acc, step_size=eps)
+
+    def __call__(
+        self,
+        x: Tensor,
+        logdensity_fn: LogDensityFn,
+        *,
+        generator: torch.Generator | None,
+        state: MCMCState,
+        logp: Tensor | None = None,
+        grad: Tensor | None = None,
+    ) -> tuple[Tensor, MCMCState, MCMCInfo]:
+        """Run the kernel's move on every particle of `x` `[N, *event]` at the population step size, then adapt.
+
+        `logp` `[N]` / `grad` `[N, *event]` at `x` may be passed to save one evaluation.
+        Returns (x_new `[N, *event]`, adapted state, MCMCInfo).
+        """
+        if logp is None or grad is None:
+            chain, extra = self.kernel.init(x, logdensity_fn), 1
+        else:
+            logp = logp.detach().double()
+            chain, extra = ChainState(x.detach(), torch.where(torch.isnan(logp), torch.full_like(logp, -math.inf), logp),
+                                      grad.detach().to(x.dtype)), 0
+        eps = self.step_size(state, chain.grad)
+        chain, move = self.kernel.step(chain, logdensity_fn, eps, generator)
+        info = MCMCInfo(acceptance=move.acceptance, mh_acceptance=move.mh_acceptance, step_size=eps,
+                        num_evals=move.num_evals + extra, num_divergent=move.num_divergent,
+                        num_nonfinite=move.num_nonfinite, logp=chain.logp, grad=chain.grad)
+        return chain.x, self.update(state, move.mh_acceptance, eps), info
 
 
 @dataclass(frozen=True)
@@ -259,9 +368,10 @@ class HMC(Kernel):
         if not 0.0 <= self.damping < 1.0:
             raise ValueError(f"damping must be in [0, 1), got {self.damping}")
 
-    def _move(self, x, logp, grad, logdensity_fn, eps, generator):
-        n = x.shape[0]
-        mh_sum = torch.zeros(n, dtype=torch.float64, device=x.device)
+    def step(self, state, logdensity_fn, step_size, generator):
+        eps = step_size
+        x = state.x
+        mh_sum = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         n_div = n_bad = 0
         gamma = self.damping
         v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if gamma > 0 else None
@@ -269,26 +379,18 @@ class HMC(Kernel):
             lam = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             v = lam if v is None or gamma == 0 else gamma * v + math.sqrt(1.0 - gamma**2) * lam
             # leapfrog (L steps, L evaluations: the gradient at x is cached)
-            xn, g = x, grad
+            xn, g = state.x, state.grad
             vn = v + 0.5 * eps * g
             for ell in range(self.num_leapfrog):
                 xn = xn + eps * vn
                 lpn, g = _evaluate(logdensity_fn, xn)
                 vn = vn + (eps if ell < self.num_leapfrog - 1 else 0.5 * eps) * g
-            ok = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(g) & _rowfinite(vn)
-            d_h = (-lpn + 0.5 * _rowsum(vn**2)) - (-logp + 0.5 * _rowsum(v**2))  # H' - H
-            prob, accept = self._accept(-d_h, ok, generator, x)
-            n_bad += int((~ok).sum())
-            n_div += int((ok & (d_h > self.divergence_threshold)).sum())
-            mh_sum += prob
-            m = _bcast(accept, x)
-            x = torch.where(m, xn, x)
-            grad = torch.where(m, g, grad)
-            logp = torch.where(accept, lpn, logp)
-            v = torch.where(m, vn, -v)  # alg. 3: momentum kept on accept, flipped on reject
-        k = self.num_steps
-        acc = mh_sum / k if self.adjusted else torch.ones_like(mh_sum)
-        return x, logp, grad, acc, mh_sum / k, k * self.num_leapfrog, n_div, n_bad
+            d_h = (-lpn + 0.5 * _rowsum(vn**2)) - (-state.logp + 0.5 * _rowsum(v**2))  # H' - H
+            state, prob, accept, bad, div = self._metropolis(state, ChainState(xn, lpn, g), -d_h, generator,
+                                                             ok=_rowfinite(vn))
+            n_bad, n_div, mh_sum = n_bad + bad, n_div + div, mh_sum + prob
+            v = torch.where(_bcast(accept, v), vn, -v)  # alg. 3: momentum kept on accept, flipped on reject
+        return state, self._info(mh_sum, self.num_steps * self.num_leapfrog, n_div, n_bad)
 
 
 @dataclass(frozen=True)
@@ -304,30 +406,22 @@ class MALA(Kernel):
 
     target_accept: float = 0.57
 
-    def _move(self, x, logp, grad, logdensity_fn, eps, generator):
-        n = x.shape[0]
-        mh_sum = torch.zeros(n, dtype=torch.float64, device=x.device)
+    def step(self, state, logdensity_fn, step_size, generator):
+        eps = step_size
+        mh_sum = torch.zeros(state.x.shape[0], dtype=torch.float64, device=state.x.device)
         n_div = n_bad = 0
         h = 0.5 * eps**2
         for _ in range(self.num_steps):
+            x, logp, grad = state
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             xn = x + h * grad + eps * z
             lpn, gn = _evaluate(logdensity_fn, xn)
-            ok = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(gn)
             log_fwd = -0.5 * _rowsum(z**2)  # log q(x' | x) + const
             log_bwd = -0.5 * _rowsum((x - xn - h * gn) ** 2) / eps**2  # log q(x | x') + const
-            log_ratio = lpn - logp + log_bwd - log_fwd
-            prob, accept = self._accept(log_ratio, ok, generator, x)
-            n_bad += int((~ok).sum())
-            n_div += int((ok & (-log_ratio > self.divergence_threshold)).sum())
-            mh_sum += prob
-            m = _bcast(accept, x)
-            x = torch.where(m, xn, x)
-            grad = torch.where(m, gn, grad)
-            logp = torch.where(accept, lpn, logp)
-        k = self.num_steps
-        acc = mh_sum / k if self.adjusted else torch.ones_like(mh_sum)
-        return x, logp, grad, acc, mh_sum / k, k, n_div, n_bad
+            state, prob, _, bad, div = self._metropolis(state, ChainState(xn, lpn, gn), lpn - logp + log_bwd - log_fwd,
+                                                        generator)
+            n_bad, n_div, mh_sum = n_bad + bad, n_div + div, mh_sum + prob
+        return state, self._info(mh_sum, self.num_steps, n_div, n_bad)
 
 
 @dataclass(frozen=True)
@@ -335,6 +429,25 @@ class ULA(MALA):
     """Unadjusted Langevin: the MALA move always taken (approximate, biased at finite step; Du et al. eq. 4)."""
 
     adjusted = False
+
+
+@dataclass(frozen=True)
+class RWM(Kernel):
+    """Random-walk Metropolis: x' = x + eps z, z ~ N(0, I), accepted per particle with min(1, pi(x') / pi(x))."""
+
+    target_accept: float = 0.3
+
+    def step(self, state, logdensity_fn, step_size, generator):
+        mh_sum = torch.zeros(state.x.shape[0], dtype=torch.float64, device=state.x.device)
+        n_div = n_bad = 0
+        for _ in range(self.num_steps):
+            x = state.x
+            xn = x + step_size * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            lpn, gn = _evaluate(logdensity_fn, xn)
+            # symmetric proposal: the ratio of densities only
+            state, prob, _, bad, div = self._metropolis(state, ChainState(xn, lpn, gn), lpn - state.logp, generator)
+            n_bad, n_div, mh_sum = n_bad + bad, n_div + div, mh_sum + prob
+        return state, self._info(mh_sum, self.num_steps, n_div, n_bad)
 
 
 def run(
@@ -347,15 +460,16 @@ def run(
     adapt: bool = True,
     state: MCMCState | None = None,
 ) -> tuple[Tensor, MCMCState, list[MCMCInfo]]:
-    """Standalone driver: `num_iters` kernel calls from `x0` `[N, *event]` on a fixed target.
+    """Standalone driver: `num_iters` adapted kernel calls from `x0` `[N, *event]` on a fixed target.
 
     Evaluations are reused between calls (logp/grad of the returned positions). With `adapt=False` every call uses
     the initial state (fixed c). Returns (x `[N, *event]`, final state, list of MCMCInfo).
     """
-    state0 = kernel.init_state() if state is None else state
+    adapter = StepSizeAdapter(kernel)
+    state0 = adapter.init_state() if state is None else state
     st, x, logp, grad, infos = state0, x0.detach(), None, None, []
     for _ in range(num_iters):
-        x, new_st, info = kernel(x, logdensity_fn, generator=generator, state=st, logp=logp, grad=grad)
+        x, new_st, info = adapter(x, logdensity_fn, generator=generator, state=st, logp=logp, grad=grad)
         st = new_st if adapt else replace(new_st, log_scale=state0.log_scale)
         logp, grad = info.logp, info.grad
         infos.append(info)
@@ -366,10 +480,44 @@ def target_logdensity(target: Any, sigma: float | Tensor, *, max_batch: int | No
     """logdensity_fn of pi(x) ∝ exp(-E(x, sigma)) for any target (energy, optional score; fkdiff.targets).
 
     Returns `fn(x [N, *event]) -> (-E [N] float64, score [N, *event])`, chunked by `max_batch`, detached.
+    sigma (a float or a `[N]` tensor) is validated here, once, not at every evaluation.
     """
+    if not isinstance(sigma, Tensor):
+        check_sigma(torch.tensor(float(sigma), dtype=torch.float64))
+    else:
+        check_sigma(sigma)
 
     def fn(x: Tensor) -> tuple[Tensor, Tensor]:
-        e, s = energy_and_score(target, x, sigma, max_batch=max_batch)
-        return -e.double(), s
+        s = checked_sigma(sigma.to(x) if isinstance(sigma, Tensor) else torch.full((x.shape[0],), float(sigma),
+                                                                                    dtype=x.dtype, device=x.device))
+        e, score = energy_and_score(target, x, s, max_batch=max_batch)
+        return -e.double(), score
 
     return fn
+
+
+KERNELS: dict[str, type[Kernel]] = {"hmc": HMC, "mala": MALA, "ula": ULA, "uhmc": UHMC, "rwm": RWM}
+
+
+def build(spec: Mapping[str, Any] | None) -> Kernel | None:
+    """A kernel from `{kind: <a KERNELS name> | none, **its arguments}` (e.g. the command line's `sample.mcmc`).
+
+    None-valued arguments take the kernel's default; `kind: none` (or an empty spec) means no kernel (None).
+    An argument the kernel does not take is an error naming the ones it does.
+    """
+    if not spec:
+        return None
+    spec = dict(spec)
+    kind = str(spec.pop("kind", "hmc")).lower()
+    if kind in ("none", "null", ""):
+        return None
+    if kind not in KERNELS:
+        raise ValueError(f"unknown mcmc kind {kind!r}; use one of {', '.join(KERNELS)} or none")
+    cls = KERNELS[kind]
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "_"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} takes no {', '.join(unknown)} (it takes {', '.join(sorted(known))}); "
+                         f"on the command line select the kernel with sample/mcmc={kind} rather than "
+                         f"sample.mcmc.kind={kind}")
+    return cls(**{k: v for k, v in spec.items() if v is not None})

@@ -1,33 +1,59 @@
-"""Hydra recipes: one small config per dataset/experiment in the top-level `recipes/` folder.
+"""Hydra for fkdiff's entry points: recipes, config-group aliases, EDM constants, and running a task.
 
 Every entry point (`python -m fkdiff.distill`, `python -m teachers.train`, `python -m fkdiff.sample`) composes the
-primary config `fkdiff/conf/config.yaml` and one recipe, selected with `recipe=<name>`. A recipe lists only its
-differences from the primary config (it is merged at the global package).
+primary config `fkdiff/conf/config.yaml` (groups `data`, `teacher`, `logger`) and one recipe, `recipe=<name>`. A recipe
+is an experiment config in the top-level `recipes/` folder, merged at the global package: its defaults list picks
+group options (`override /data: digits`) and its body lists only its differences.
 
-Recipes are found, in order, in: `$FKDIFF_RECIPES`, the checkout's `recipes/` next to the `fkdiff` package, and
-`<sys.prefix>/share/fkdiff/recipes` (where a non-editable install puts them). Each `*.yaml` there is registered in
-Hydra's ConfigStore as option `recipe=<stem>` before `hydra.main` runs, so the recipes work from any working
-directory.
+Before composing, `register()` stores in Hydra's ConfigStore
+- every `recipes/*.yaml` as option `recipe=<stem>`. Recipes are found, in order, in `$FKDIFF_RECIPES`, the checkout's
+  `recipes/` next to the `fkdiff` package, and `<sys.prefix>/share/fkdiff/recipes` (a non-editable install), so they
+  work from any working directory;
+- `diffusion`: EDM's constants from `fkdiff.diffusion` (sigma_min, sigma_max, p_mean, p_std), so the config reads
+  `${diffusion.p_mean}` instead of writing the numbers again;
+- the alias groups `teacher.kind` and `logger.kind`: `teacher.kind=vp` selects `teacher=vp` (a group option has
+  only its kind's keys, so a plain value override could not bring them).
+
+`main(task_fn, task=...)` runs `task_fn(cfg)` under `hydra.main` with a primary config that sets `task` (no change to
+`sys.argv`), takes the run folder from Hydra (so DDP children launched by Lightning share it), and removes the run
+folder of a failed run when it holds nothing but Hydra's and the run's bookkeeping files.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["recipes_dir", "available_recipes", "register_recipes", "compose", "main", "UnknownRecipeError"]
+__all__ = ["recipes_dir", "available_recipes", "register", "register_recipes", "compose", "main", "run_task",
+           "UnknownRecipeError", "DropLoggers", "ALIAS_GROUPS"]
 
 CONFIG_MODULE = "fkdiff.conf"
 CONFIG_NAME = "config"
+ALIAS_GROUPS = ("teacher", "logger")  # <group>.kind=<option> selects <group>=<option>
+_BOOKKEEPING = {".hydra", "config.yaml"}  # besides *.log: what a run writes before it has results
 
 
 class UnknownRecipeError(KeyError):
     pass
+
+
+class DropLoggers(logging.Filter):
+    """A logging filter that drops the records of the named loggers and their children (used in hydra.job_logging:
+    Lightning prints its messages with its own handler, so Hydra's console handler skips them)."""
+
+    def __init__(self, names: Iterable[str] = ()):
+        super().__init__()
+        self.names = tuple(names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(record.name == n or record.name.startswith(n + ".") for n in self.names)
 
 
 def recipes_dir() -> Path:
@@ -48,17 +74,33 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
-def register_recipes() -> list[str]:
-    """Store every recipe in Hydra's ConfigStore as group `recipe`, package `_global_`. Idempotent."""
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).resolve().parent / "conf" / group).glob("*.yaml"))
+
+
+def register() -> list[str]:
+    """Store the recipes, the `diffusion` constants and the alias groups in Hydra's ConfigStore. Idempotent.
+    Returns the recipe names."""
     from hydra.core.config_store import ConfigStore
 
+    from fkdiff import diffusion
+
     cs = ConfigStore.instance()
+    cs.store(name="diffusion", package="diffusion",
+             node={"sigma_min": diffusion.SIGMA_MIN, "sigma_max": diffusion.SIGMA_MAX, "p_mean": diffusion.P_MEAN,
+                   "p_std": diffusion.P_STD})
+    for group in ALIAS_GROUPS:
+        for option in _group_options(group):
+            cs.store(group=f"{group}.kind", name=option, package="_global_",
+                     node=OmegaConf.create({"defaults": [{f"override /{group}": option}]}))
     names = []
     for path in sorted(recipes_dir().glob("*.yaml")):
-        node = OmegaConf.load(path)
-        cs.store(group="recipe", name=path.stem, node=node, package="_global_")
+        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
         names.append(path.stem)
     return names
+
+
+register_recipes = register  # the earlier name
 
 
 def _check_recipe(overrides: Sequence[str]) -> None:
@@ -73,10 +115,10 @@ def _check_recipe(overrides: Sequence[str]) -> None:
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> DictConfig:
-    """Compose the primary config with overrides (e.g. ["recipe=toy2d", "trainer.max_steps=5"]), outside hydra.main.
+    """Compose the primary config with overrides (e.g. ["recipe=toy2d", "distill.max_steps=5"]), outside hydra.main.
 
-    Used by tests and notebooks. Hydra-runtime interpolations (`${hydra:...}`) are not available here; the
-    returned config has `run_dir` resolved from the overrides or the default.
+    Used by tests and notebooks (`task=<task>` sets the task). Hydra-runtime interpolations (`${hydra:...}`) are not
+    available here; the returned config has `run_dir` resolved from the overrides or the default.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -84,15 +126,60 @@ def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> Di
 
     overrides = list(overrides)
     _check_recipe(overrides)
-    register_recipes()
+    register()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=overrides)
     return cfg
 
 
+def _entry_config(task: str, base: str) -> str:
+    """Store (and name) the primary config of an entry point: `base` with `task` set."""
+    from hydra.core.config_store import ConfigStore
+
+    name = f"fkdiff_{task}"
+    ConfigStore.instance().store(name=name, node=OmegaConf.create({"defaults": [base, "_self_"], "task": task}))
+    return name
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+
+
+def remove_if_no_results(run_dir: str | Path) -> bool:
+    """Delete `run_dir` if it holds nothing but bookkeeping (Hydra's `.hydra/`, `*.log`, `config.yaml`). Returns
+    whether it was deleted."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return False
+    for p in run_dir.iterdir():
+        if p.name not in _BOOKKEEPING and not (p.is_file() and p.suffix == ".log"):
+            return False
+    shutil.rmtree(run_dir, ignore_errors=True)  # Hydra's log file may still be open
+    return not run_dir.exists()
+
+
+def run_task(task_fn: Callable[[DictConfig], object], cfg: DictConfig):
+    """`task_fn(cfg)` with `cfg.run_dir` set to Hydra's run folder; a failed run's folder is removed if it holds no
+    results (`remove_if_no_results`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        # under DDP Lightning relaunches the script with hydra.run.dir fixed: a `${now:...}` run_dir would resolve to
+        # another folder in the child processes
+        OmegaConf.set_struct(cfg, False)
+        cfg.run_dir = str(HydraConfig.get().run.dir)
+        OmegaConf.set_struct(cfg, True)
+    try:
+        return task_fn(cfg)
+    except BaseException:
+        if _is_rank_zero():
+            remove_if_no_results(cfg.run_dir)
+        raise
+
+
 def main(task_fn: Callable[[DictConfig], object], config_name: str = CONFIG_NAME, task: str | None = None) -> None:
-    """Run `task_fn(cfg)` under `hydra.main` with the recipes registered; an unknown recipe exits with the list."""
+    """Run `task_fn(cfg)` under `hydra.main` (see module docstring); an unknown recipe exits with the list."""
     import hydra
 
     try:
@@ -100,13 +187,12 @@ def main(task_fn: Callable[[DictConfig], object], config_name: str = CONFIG_NAME
     except UnknownRecipeError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         raise SystemExit(2) from None
-    register_recipes()
-    if task is not None and not any(a.startswith("task=") for a in sys.argv[1:]):
-        sys.argv.append(f"task={task}")
+    register()
+    name = _entry_config(task, config_name) if task is not None else config_name
 
-    @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")
+    @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=name, version_base="1.3")
     @functools.wraps(task_fn)
     def _run(cfg: DictConfig):
-        return task_fn(cfg)
+        return run_task(task_fn, cfg)
 
     _run()

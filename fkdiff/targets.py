@@ -4,7 +4,9 @@ A *target* is any object with `energy(x, sigma) -> [B]` (p_sigma ∝ exp(-energy
 (else the score is -grad_x energy by autograd). A *score field* (what drives a reverse-diffusion proposal) is a
 target, or a denoiser `D(x, sigma)` whose score is (D - x) / sigma^2 (Tweedie, DESIGN.md section 2).
 
-`sigma` is always passed to the object as a `[B]` tensor in x's dtype. Evaluation is split into chunks of at most
+`sigma` is always passed to the object as a `[B]` tensor in x's dtype, validated once here (`as_sigma`) and marked
+as checked so that the object and its components do not validate it again (`fkdiff.diffusion.check_sigma`).
+Evaluation is split into chunks of at most
 `max_batch` rows (memory), which never changes the result. Returned tensors are detached: no graph survives a call.
 Autograd is switched on locally where needed, so these work inside `torch.no_grad()` callers too.
 """
@@ -16,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fkdiff.diffusion import as_sigma, score_from_denoiser
+from fkdiff.diffusion import as_sigma, checked_sigma, is_checked, score_from_denoiser
 
 __all__ = ["has_energy", "energy", "score", "energy_and_score", "chunked"]
 
@@ -32,7 +34,9 @@ def chunked(fn: Callable[[Tensor, Tensor], Any], x: Tensor, sigma: Tensor, max_b
         return fn(x, sigma)
     if max_batch < 1:
         raise ValueError(f"max_batch must be a positive integer or None, got {max_batch}")
-    outs = [fn(x[i : i + max_batch], sigma[i : i + max_batch]) for i in range(0, n, max_batch)]
+    # slices of a checked sigma are checked too: the models below do not validate each chunk again
+    keep = checked_sigma if is_checked(sigma) else (lambda t: t)
+    outs = [fn(x[i : i + max_batch], keep(sigma[i : i + max_batch])) for i in range(0, n, max_batch)]
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(parts) for parts in zip(*outs))
     return torch.cat(outs)
@@ -45,18 +49,18 @@ def _check_energy(e: Tensor, x: Tensor, obj: Any) -> Tensor:
     return e
 
 
-def _score_one(obj: Any, x: Tensor, s: Tensor) -> Tensor:
+def _score_one(obj: Any, x: Tensor, sig: Tensor) -> Tensor:
     if callable(getattr(obj, "score", None)):
-        out = obj.score(x, s)
+        out = obj.score(x, sig)
     elif has_energy(obj):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            e = _check_energy(obj.energy(xg, s), x, obj)
+            e = _check_energy(obj.energy(xg, sig), x, obj)
             (g,) = torch.autograd.grad(e.sum(), xg)
         out = -g
     elif callable(obj):
         with torch.no_grad():
-            out = score_from_denoiser(obj(x, s), x, s)
+            out = score_from_denoiser(obj(x, sig), x, sig)
     else:
         raise TypeError(
             f"{type(obj).__name__} is not a target or score field: it needs an energy(x, sigma) method, "
@@ -71,38 +75,38 @@ def energy(obj: Any, x: Tensor, sigma: float | Tensor, *, max_batch: int | None 
     """E(x, sigma) `[N]`, detached."""
     if not has_energy(obj):
         raise TypeError(f"{type(obj).__name__} has no energy(x, sigma) method; SMC weights need energies")
-    s = as_sigma(sigma, x)
+    sig = as_sigma(sigma, x)
 
     def fn(xc, sc):
         with torch.no_grad():
             return _check_energy(obj.energy(xc, sc), xc, obj).detach()
 
-    return chunked(fn, x, s, max_batch)
+    return chunked(fn, x, sig, max_batch)
 
 
 def score(obj: Any, x: Tensor, sigma: float | Tensor, *, max_batch: int | None = None) -> Tensor:
     """grad_x log p_sigma(x) `[N, *event]` of a target (score or -grad energy) or a denoiser, detached."""
-    s = as_sigma(sigma, x)
-    return chunked(lambda xc, sc: _score_one(obj, xc, sc), x, s, max_batch)
+    sig = as_sigma(sigma, x)
+    return chunked(lambda xc, sc: _score_one(obj, xc, sc), x, sig, max_batch)
 
 
-def _energy_and_score_one(obj: Any, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+def _energy_and_score_one(obj: Any, x: Tensor, sig: Tensor) -> tuple[Tensor, Tensor]:
     """(E, score) of one chunk, with the fewest network passes the object allows."""
     fused = getattr(obj, "energy_and_score", None)
     if callable(fused):  # compositions: each component evaluated once
-        e, sc = fused(x, s)
+        e, sc = fused(x, sig)
         return _check_energy(e, x, obj).detach(), sc.detach()
     fused = getattr(obj, "energy_and_grad", None)
     if callable(fused):  # energy students: one forward + one backward
-        e, g = fused(x, s)
+        e, g = fused(x, sig)
         return _check_energy(e, x, obj).detach(), -g.detach()
     if callable(getattr(obj, "score", None)):  # analytic teachers: closed-form score
         with torch.no_grad():
-            e = _check_energy(obj.energy(x, s), x, obj)
-        return e.detach(), _score_one(obj, x, s)
+            e = _check_energy(obj.energy(x, sig), x, obj)
+        return e.detach(), _score_one(obj, x, sig)
     with torch.enable_grad():  # energy only: autograd
         xg = x.detach().requires_grad_(True)
-        e = _check_energy(obj.energy(xg, s), x, obj)
+        e = _check_energy(obj.energy(xg, sig), x, obj)
         (g,) = torch.autograd.grad(e.sum(), xg)
     return e.detach(), -g.detach()
 

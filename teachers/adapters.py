@@ -19,6 +19,11 @@ adapter was built with `clamp=True` (then t is clamped to [0, T-1] while x_t sti
 
 EDM-style nets: `EDMNetDenoiser` wraps a net that already returns D (`net(x, sigma, class_labels)`, e.g. NVlabs/edm's
 `EDMPrecond`); a raw backbone F(c_in x, c_noise, cond) is wrapped by `teachers.EDMDenoiser` (EDM preconditioning).
+Continuous variance-exploding nets `net(x_sigma, sigma[, cond])` (score-SDE VE models, k-diffusion-style models, your
+own), one class per output type:
+    x0-prediction:      D = net(x, sigma)                       (`VEDenoiser`)
+    eps-prediction:     D = x - sigma * eps_hat(x, sigma)        (`VEEpsDenoiser`)
+    score-prediction:   D = x + sigma^2 * s_hat(x, sigma)        (`VEScoreDenoiser`, Tweedie)
 `load_edm_pickle` reads NVlabs/edm `network-snapshot-*.pkl` files. Pickles execute code while loading, so it refuses
 unless `allow_pickle=True`, and it needs EDM's own modules (`dnnlib`, `torch_utils`) importable (`code_dir=`).
 
@@ -38,7 +43,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from fkdiff.diffusion import append_dims, as_sigma, check_batch, vp_sigma_from_alpha_bar
+from fkdiff.diffusion import (SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, denoiser_from_eps,
+                              denoiser_from_score, vp_sigma_from_alpha_bar)
+from teachers.load import strict_bool, teacher_kind
 
 __all__ = [
     "make_alphas_cumprod",
@@ -49,6 +56,10 @@ __all__ = [
     "VP_ADAPTERS",
     "vp_denoiser",
     "EDMNetDenoiser",
+    "VEDenoiser",
+    "VEEpsDenoiser",
+    "VEScoreDenoiser",
+    "VE_ADAPTERS",
     "load_edm_pickle",
     "DiffusersUNet",
     "from_diffusers",
@@ -191,7 +202,7 @@ class EDMNetDenoiser(nn.Module):
 
     `label_dim > 0`: integer labels `[B]` become one-hot `[B, label_dim]` (label -1 -> all zeros, EDM's
     "no label"); float `[B, label_dim]` tensors pass through. sigma_min / sigma_max default to the net's own
-    attributes, limited to EDM's sampler defaults [0.002, 80] (EDMPrecond declares [0, inf]).
+    attributes, limited to EDM's sampler defaults [SIGMA_MIN, SIGMA_MAX] (EDMPrecond declares [0, inf]).
     """
 
     def __init__(self, net: Callable, *, sigma_data: float | None = None, sigma_min: float | None = None,
@@ -199,8 +210,9 @@ class EDMNetDenoiser(nn.Module):
         super().__init__()
         self.net = net
         self.sigma_data = float(sigma_data if sigma_data is not None else getattr(net, "sigma_data", 0.5))
-        self.sigma_min = float(sigma_min if sigma_min is not None else max(0.002, float(getattr(net, "sigma_min", 0))))
-        self.sigma_max = float(sigma_max if sigma_max is not None else min(80.0, float(getattr(net, "sigma_max", 80))))
+        own_min, own_max = float(getattr(net, "sigma_min", 0)), float(getattr(net, "sigma_max", SIGMA_MAX))
+        self.sigma_min = float(sigma_min if sigma_min is not None else max(SIGMA_MIN, own_min))
+        self.sigma_max = float(sigma_max if sigma_max is not None else min(SIGMA_MAX, own_max))
         self.label_dim = int(label_dim if label_dim is not None else getattr(net, "label_dim", 0) or 0)
 
     def forward(self, x: Tensor, sigma: float | Tensor, cond: Any = None) -> Tensor:
@@ -216,6 +228,54 @@ class EDMNetDenoiser(nn.Module):
             onehot.scatter_(1, torch.where(cond < 0, self.label_dim, cond).long()[:, None], 1.0)
             cond = onehot[:, : self.label_dim]
         return self.net(x, sigma, cond)
+
+
+class VEDenoiser(nn.Module):
+    """A continuous variance-exploding net `net(x_sigma, sigma[, cond])` predicting x0, seen as `D(x, sigma, cond)`.
+
+    Subclasses convert other output types (`denoise_from_output`, the one method they override). `sigma_min` /
+    `sigma_max` / `sigma_data` describe the range and data scale the net was trained for (EDM's defaults).
+    """
+
+    prediction = "x0"
+
+    def __init__(self, net: Callable, *, sigma_data: float = 0.5, sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX):
+        super().__init__()
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.net = net
+        self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
+
+    def denoise_from_output(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+        return out
+
+    def forward(self, x: Tensor, sigma: float | Tensor, cond: Any = None) -> Tensor:
+        check_batch(x)
+        sigma = as_sigma(sigma, x)
+        out = self.net(x, sigma) if cond is None else self.net(x, sigma, cond)
+        return self.denoise_from_output(out.to(x.dtype), x, sigma)
+
+
+class VEEpsDenoiser(VEDenoiser):
+    """eps-prediction: D = x - sigma eps_hat."""
+
+    prediction = "eps"
+
+    def denoise_from_output(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+        return denoiser_from_eps(out, x, sigma)
+
+
+class VEScoreDenoiser(VEDenoiser):
+    """score-prediction: D = x + sigma^2 s_hat (Tweedie)."""
+
+    prediction = "score"
+
+    def denoise_from_output(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+        return denoiser_from_score(out, x, sigma)
+
+
+VE_ADAPTERS = {cls.prediction: cls for cls in (VEDenoiser, VEEpsDenoiser, VEScoreDenoiser)}
 
 
 @contextmanager
@@ -245,7 +305,10 @@ def load_edm_pickle(path: str | Path, *, allow_pickle: bool = False, code_dir: s
     of github.com/NVlabs/edm>` or put it on PYTHONPATH. `kwargs` go to `EDMNetDenoiser`.
     """
     path = Path(path)
-    if not allow_pickle:
+    if allow_pickle is not True:  # only the boolean True opts in: "false", "no", 1, ... never unpickle
+        if allow_pickle not in (False, None):
+            raise TypeError(f"allow_pickle must be the boolean True or False, got {allow_pickle!r} "
+                            f"({type(allow_pickle).__name__}); refusing to unpickle {path}")
         raise PermissionError(
             f"refusing to unpickle {path}: pickles execute arbitrary code while loading. If you trust the file, pass "
             "allow_pickle=True (config: teacher.allow_pickle=true).")
@@ -326,3 +389,85 @@ def from_diffusers(unet: Any, scheduler: Any = None, *, alphas_cumprod: Tensor |
         unet = unet.to(device)
     return vp_denoiser(DiffusersUNet(unet), alphas_cumprod, prediction, sigma_data=sigma_data, clamp=clamp,
                        t_mode=t_mode).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# teacher kinds: `teacher.kind=<name>` loaders (registry in teachers.load; keys in fkdiff/conf/teacher/<name>.yaml)
+# --------------------------------------------------------------------------------------------------------------------
+def _get(cfg, key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def _import_target(target: str):
+    import importlib
+
+    module, _, attr = str(target).partition(":")
+    if not attr:
+        raise ValueError(f"target must look like 'package.module:callable', got {target!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _target_net(cfg, kind: str) -> nn.Module:
+    """The network `target(**target_kwargs)` of a `kind` config, with the state_dict at `path` when given."""
+    target = cfg.get("target")
+    if not target:
+        raise ValueError(f"teacher.kind={kind} needs teacher.target='package.module:callable' building the network")
+    # configs are code: `target` imports and calls a callable named in the config (like Hydra's `_target_`)
+    net = _import_target(target)(**dict(_get(cfg, "target_kwargs", {})))
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"teacher.target={target!r} returned a {type(net).__name__}, not a torch.nn.Module: it must "
+                        f"build the network ({kind} teacher)")
+    if cfg.get("path"):
+        p = Path(cfg["path"])
+        if not p.is_file():
+            raise FileNotFoundError(f"{kind} teacher weights {p} not found (teacher.path)")
+        net.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+    return net
+
+
+@teacher_kind("vp")
+def load_vp(cfg, device=None) -> DiscreteVPDenoiser:
+    """`teacher.kind=vp`: the net built by `target(**target_kwargs)`, weights from `path`, schedule from `schedule`
+    (or the tensor file `alphas_cumprod`), output type `prediction`."""
+    net = _target_net(cfg, "vp")
+    if cfg.get("alphas_cumprod"):
+        p = Path(cfg["alphas_cumprod"])
+        if not p.is_file():
+            raise FileNotFoundError(f"alphas_cumprod file {p} not found (teacher.alphas_cumprod)")
+        abar = torch.load(p, map_location="cpu", weights_only=True)
+    else:
+        abar = make_alphas_cumprod(**dict(_get(cfg, "schedule", {})))
+    den = vp_denoiser(net, abar, str(_get(cfg, "prediction", "eps")), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
+                      clamp=bool(_get(cfg, "clamp", False)), t_mode=str(_get(cfg, "t_mode", "interpolate")))
+    return den.to(device).eval().requires_grad_(False)
+
+
+@teacher_kind("ve")
+def load_ve(cfg, device=None) -> VEDenoiser:
+    """`teacher.kind=ve`: the continuous VE net built by `target(**target_kwargs)`, weights from `path`, output type
+    `prediction` (x0 | eps | score), trained range `sigma_min`..`sigma_max`, data scale `sigma_data`."""
+    prediction = str(_get(cfg, "prediction", "x0"))
+    if prediction not in VE_ADAPTERS:
+        raise ValueError(f"teacher.prediction={prediction!r} for teacher.kind=ve; use one of {', '.join(VE_ADAPTERS)}")
+    den = VE_ADAPTERS[prediction](_target_net(cfg, "ve"), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
+                                  sigma_min=float(_get(cfg, "sigma_min", SIGMA_MIN)),
+                                  sigma_max=float(_get(cfg, "sigma_max", SIGMA_MAX)))
+    return den.to(device).eval().requires_grad_(False)
+
+
+@teacher_kind("edm_pickle")
+def _load_edm_pickle_kind(cfg, device=None) -> EDMNetDenoiser:
+    if not cfg.get("path"):
+        raise ValueError("teacher.kind=edm_pickle needs teacher.path (an NVlabs/edm network-snapshot-*.pkl)")
+    return load_edm_pickle(cfg.get("path"), allow_pickle=strict_bool(cfg.get("allow_pickle"), "teacher.allow_pickle"),
+                           code_dir=cfg.get("code_dir"), key=str(_get(cfg, "key", "ema")), device=device)
+
+
+@teacher_kind("diffusers")
+def _load_diffusers_kind(cfg, device=None) -> DiscreteVPDenoiser:
+    if not cfg.get("path"):
+        raise ValueError("teacher.kind=diffusers needs teacher.path (a UNet2DModel or pipeline folder)")
+    return from_diffusers(cfg["path"], prediction=cfg.get("prediction"), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
+                          clamp=bool(_get(cfg, "clamp", False)), t_mode=str(_get(cfg, "t_mode", "interpolate")),
+                          device=device)

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from fkdiff.diffusion import append_dims, as_sigma, check_batch
+from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch
 from fkdiff.special import box_log_mass, box_log_mass_grad
 
 __all__ = ["GaussianMixture", "Box", "gmm_product"]
@@ -38,8 +38,8 @@ class _Analytic:
 
     dim: int
     dtype: torch.dtype
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
     sigma_data: float
 
     def _prep(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -86,8 +86,8 @@ class GaussianMixture(_Analytic):
         weights=None,
         *,
         dtype: torch.dtype = torch.float64,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
         sigma_data: float | None = None,
         device=None,
     ):
@@ -212,8 +212,8 @@ def gmm_product(a: GaussianMixture, b: GaussianMixture, sigma: float = 0.0) -> t
 class Box(_Analytic):
     """Uniform distribution on the box [low, high] (per-dimension bounds, `[d]` each)."""
 
-    def __init__(self, low, high, *, dtype: torch.dtype = torch.float64, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, sigma_data: float | None = None, device=None):
+    def __init__(self, low, high, *, dtype: torch.dtype = torch.float64, sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX, sigma_data: float | None = None, device=None):
         low = torch.as_tensor(low, dtype=dtype, device=device).reshape(-1)
         high = torch.as_tensor(high, dtype=dtype, device=device).reshape(-1)
         if low.shape != high.shape:

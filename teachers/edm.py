@@ -28,7 +28,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fkdiff.diffusion import append_dims, as_sigma, check_batch, edm_loss_weight, edm_precond, sample_training_sigma
+from fkdiff.diffusion import (P_MEAN, P_STD, SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, edm_loss_weight,
+                              edm_precond, sample_training_noise)
 from fkdiff.nets import build_backbone
 
 __all__ = ["EDMDenoiser", "EDMLoss", "drop_condition"]
@@ -45,7 +46,8 @@ class EDMDenoiser(nn.Module):
     `teachers.load_teacher` can rebuild it; a denoiser made around an arbitrary backbone works but cannot be saved.
     """
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX,
                  event_shape: Sequence[int] | None = None, spec: Mapping[str, Any] | None = None):
         super().__init__()
         if not sigma_data > 0:
@@ -61,8 +63,8 @@ class EDMDenoiser(nn.Module):
 
     # -- construction from a plain-data spec (what checkpoints store) ---------------------------------------------
     @classmethod
-    def build(cls, event_shape: Sequence[int], *, sigma_data: float = 0.5, sigma_min: float = 0.002,
-              sigma_max: float = 80.0, cond_kind: str = "none", num_classes: int | None = None,
+    def build(cls, event_shape: Sequence[int], *, sigma_data: float = 0.5, sigma_min: float = SIGMA_MIN,
+              sigma_max: float = SIGMA_MAX, cond_kind: str = "none", num_classes: int | None = None,
               cond_dim: int | None = None, backbone: Mapping[str, Any] | None = None) -> "EDMDenoiser":
         """A denoiser around `fkdiff.nets.build_backbone(event_shape, cond_kind=..., **backbone)`."""
         bb = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(backbone or {}).items()}
@@ -115,16 +117,22 @@ class EDMDenoiser(nn.Module):
                 f"event_shape={self.event_shape}, cond_kind={self.cond_kind!r}")
 
 
-def drop_condition(cond: Any, p_uncond: float, generator: torch.Generator | None = None) -> Any:
+def drop_condition(cond: Any, p_uncond: float, generator: torch.Generator | None = None,
+                   shard: tuple[int, int] = (0, 1)) -> Any:
     """Replace each sample's condition by the null token with probability `p_uncond`.
 
     Class labels `[B]` (integer) -> -1; positions `[B, k]` (float) -> a row of NaN; None stays None (already null).
+    The coin flips are drawn on `generator`'s device (the CPU for a CPU generator) for the global batch of
+    B * world_size rows, and rows rank, rank + w, ... are kept (`shard = (rank, world_size)`).
     """
     if cond is None or p_uncond <= 0:
         return cond
     if not isinstance(cond, Tensor):
         raise TypeError(f"cond must be a tensor (class labels [B] or positions [B, k]) or None, got {type(cond)}")
-    drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < p_uncond
+    rank, world = shard
+    device = generator.device if generator is not None else cond.device
+    drop = (torch.rand(cond.shape[0] * world, generator=generator, device=device) < p_uncond)[rank::world]
+    drop = drop.to(cond.device)
     if cond.is_floating_point():
         return torch.where(append_dims(drop, cond.ndim), torch.full_like(cond, float("nan")), cond)
     return torch.where(drop, torch.full_like(cond, -1), cond)
@@ -133,21 +141,22 @@ def drop_condition(cond: Any, p_uncond: float, generator: torch.Generator | None
 class EDMLoss:
     """Per-sample EDM denoising-score-matching loss (module docstring); returns `[B]`.
 
-    `x0 [B, *event]`, `cond` as the denoiser takes it; `generator` drives sigma, the noise and condition dropout.
+    `x0 [B, *event]`, `cond` as the denoiser takes it; `generator` (a CPU generator; None: the global RNG) drives
+    sigma, the noise and the condition dropout, drawn for the global batch and sliced to this rank's rows with `shard = (rank, world_size)`
+    (`fkdiff.diffusion.sample_training_noise`), so a row's draws do not depend on the number of processes.
     """
 
-    def __init__(self, sigma_data: float, p_mean: float = -1.2, p_std: float = 1.2, p_uncond: float = 0.0):
+    def __init__(self, sigma_data: float, p_mean: float = P_MEAN, p_std: float = P_STD, p_uncond: float = 0.0):
         if not 0 <= p_uncond <= 1:
             raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
         self.sigma_data, self.p_mean, self.p_std, self.p_uncond = float(sigma_data), float(p_mean), float(p_std), float(
             p_uncond)
 
-    def __call__(self, denoiser, x0: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, denoiser, x0: Tensor, cond: Any = None, generator: torch.Generator | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> Tensor:
         check_batch(x0, name="x0")
-        sigma = sample_training_sigma(x0.shape[0], self.p_mean, self.p_std, generator=generator, device=x0.device,
-                                      dtype=x0.dtype)
+        sigma, eps = sample_training_noise(x0, generator, self.p_mean, self.p_std, shard)
         weight = edm_loss_weight(sigma, self.sigma_data)
-        n = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * append_dims(sigma, x0.ndim)
-        cond = drop_condition(cond, self.p_uncond, generator)
-        denoised = denoiser(x0 + n, sigma, cond)
+        cond = drop_condition(cond, self.p_uncond, generator, shard)
+        denoised = denoiser(x0 + append_dims(sigma, x0.ndim) * eps, sigma, cond)
         return weight * (denoised - x0).pow(2).flatten(1).mean(1)

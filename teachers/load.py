@@ -7,7 +7,9 @@ sigma_data / sigma_min / sigma_max) and the weights (EMA weights when trained wi
 `load_teacher(source, device=...)` takes
 - a path: a `teacher.pt`, or a Lightning checkpoint (`*.ckpt`) written by `python -m teachers.train` (its
   `state_dict` holds the EMA weights when EMA is on), and returns an eval-mode `EDMDenoiser`;
-- a mapping / the `teacher:` config section, dispatching on `kind`:
+- a mapping / the `teacher:` config section, dispatching on `kind` through the registry `TEACHER_KINDS` (kinds
+  register their loader with `@teacher_kind(name)`: analytic and checkpoint here, the adapters' kinds in
+  `teachers.adapters`; each kind's keys are listed in `fkdiff/conf/teacher/<kind>.yaml`):
     analytic    `preset` (a name from teachers.presets, or a list of names -> a list of teachers), `preset_kwargs`
     checkpoint  `path` (as above)
     vp          `target` ("module:callable" building the eps/x0/v net, with `target_kwargs`), `path` (its
@@ -19,20 +21,19 @@ sigma_data / sigma_min / sigma_max) and the weights (EMA weights when trained wi
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from teachers.edm import EDMDenoiser
 
-__all__ = ["FORMAT", "TEACHER_KINDS", "save_teacher", "load_teacher", "load_teacher_checkpoint"]
+__all__ = ["FORMAT", "TEACHER_KINDS", "teacher_kind", "save_teacher", "load_teacher", "load_teacher_checkpoint",
+           "strict_bool"]
 
 FORMAT = "fkdiff.teacher/1"
-TEACHER_KINDS = ("analytic", "checkpoint", "vp", "edm_pickle", "diffusers")
 _HOW_TO_TRAIN = ("train one with `python -m teachers.train recipe=<name>` (it writes <run_dir>/teacher.pt) and point "
                  "teacher.path at it")
 
@@ -79,40 +80,65 @@ def load_teacher_checkpoint(path: str | Path, device: torch.device | str | None 
     return denoiser.to(device).eval().requires_grad_(False)
 
 
+def strict_bool(value: Any, key: str) -> bool:
+    """A config flag that must be a real boolean: True / False (None: False), or the strings "true" / "false"
+    (any case). Anything else ("no", "off", "0", 1, ...) is an error, so that a typo can never enable a dangerous
+    option such as `teacher.allow_pickle` (Python's `bool("false")` is True)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{key} must be true or false, got {value!r} ({type(value).__name__})")
+
+
 def _get(cfg: Mapping, key: str, default: Any = None) -> Any:
     value = cfg.get(key, default)
     return default if value is None else value
 
 
-def _import_target(target: str):
-    module, _, attr = str(target).partition(":")
-    if not attr:
-        raise ValueError(f"target must look like 'package.module:callable', got {target!r}")
-    return getattr(importlib.import_module(module), attr)
+# ---------------------------------------------------------------------------------------------------------------------
+# the registry of teacher kinds
 
 
-def _load_vp(cfg: Mapping, device) -> nn.Module:
-    from teachers.adapters import make_alphas_cumprod, vp_denoiser
+TeacherLoader = Callable[[Mapping, Any], Any]
+TEACHER_KINDS: dict[str, TeacherLoader] = {}
 
-    target = cfg.get("target")
-    if not target:
-        raise ValueError("teacher.kind=vp needs teacher.target='package.module:callable' building the network")
-    net = _import_target(target)(**dict(_get(cfg, "target_kwargs", {})))
-    if cfg.get("path"):
-        p = Path(cfg["path"])
-        if not p.is_file():
-            raise FileNotFoundError(f"VP teacher weights {p} not found (teacher.path)")
-        net.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
-    if cfg.get("alphas_cumprod"):
-        p = Path(cfg["alphas_cumprod"])
-        if not p.is_file():
-            raise FileNotFoundError(f"alphas_cumprod file {p} not found (teacher.alphas_cumprod)")
-        abar = torch.load(p, map_location="cpu", weights_only=True)
-    else:
-        abar = make_alphas_cumprod(**dict(_get(cfg, "schedule", {})))
-    den = vp_denoiser(net, abar, str(_get(cfg, "prediction", "eps")), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
-                      clamp=bool(_get(cfg, "clamp", False)), t_mode=str(_get(cfg, "t_mode", "interpolate")))
-    return den.to(device).eval().requires_grad_(False)
+
+def teacher_kind(name: str) -> Callable[[TeacherLoader], TeacherLoader]:
+    """Register `loader(cfg, device) -> teacher` as `teacher.kind=<name>` (cfg: the `teacher:` section, plain data).
+
+    A new kind is its loader (next to its adapter, e.g. in `teachers.adapters`, decorated with this) and its config
+    file `fkdiff/conf/teacher/<name>.yaml` listing its keys.
+    """
+
+    def register(loader: TeacherLoader) -> TeacherLoader:
+        if name in TEACHER_KINDS and TEACHER_KINDS[name] is not loader:
+            raise ValueError(f"teacher kind {name!r} is registered twice")
+        TEACHER_KINDS[name] = loader
+        return loader
+
+    return register
+
+
+@teacher_kind("checkpoint")
+def _load_checkpoint(cfg: Mapping, device) -> EDMDenoiser:
+    return load_teacher_checkpoint(cfg.get("path"), device)
+
+
+@teacher_kind("analytic")
+def _load_analytic(cfg: Mapping, device):
+    from teachers.presets import make_preset
+
+    preset = cfg.get("preset")
+    if not preset:
+        raise ValueError("teacher.kind=analytic needs teacher.preset (a name or a list of names from "
+                         "teachers.presets.PRESETS)")
+    kw = dict(_get(cfg, "preset_kwargs", {}))
+    if device is not None:
+        kw.setdefault("device", device)
+    if isinstance(preset, str):
+        return make_preset(preset, **kw)
+    return [make_preset(p, **kw) for p in preset]
 
 
 def load_teacher(source: Any, device: torch.device | str | None = None):
@@ -131,37 +157,6 @@ def load_teacher(source: Any, device: torch.device | str | None = None):
     if "teacher" in source and "kind" not in source:
         source = source["teacher"]  # the whole config was passed
     kind = source.get("kind")
-    if kind == "checkpoint":
-        return load_teacher_checkpoint(source.get("path"), device)
-    if kind == "analytic":
-        from teachers.presets import make_preset
-
-        preset = source.get("preset")
-        if not preset:
-            raise ValueError("teacher.kind=analytic needs teacher.preset (a name or a list of names from "
-                             "teachers.presets.PRESETS)")
-        kw = dict(_get(source, "preset_kwargs", {}))
-        if device is not None:
-            kw.setdefault("device", device)
-        if isinstance(preset, str):
-            return make_preset(preset, **kw)
-        return [make_preset(p, **kw) for p in preset]
-    if kind == "vp":
-        return _load_vp(source, device)
-    if kind == "edm_pickle":
-        from teachers.adapters import load_edm_pickle
-
-        if not source.get("path"):
-            raise ValueError("teacher.kind=edm_pickle needs teacher.path (an NVlabs/edm network-snapshot-*.pkl)")
-        return load_edm_pickle(source.get("path"), allow_pickle=bool(_get(source, "allow_pickle", False)),
-                               code_dir=source.get("code_dir"), key=str(_get(source, "key", "ema")), device=device)
-    if kind == "diffusers":
-        from teachers.adapters import from_diffusers
-
-        if not source.get("path"):
-            raise ValueError("teacher.kind=diffusers needs teacher.path (a UNet2DModel or pipeline folder)")
-        return from_diffusers(source["path"], prediction=source.get("prediction"),
-                              sigma_data=float(_get(source, "sigma_data", 0.5)),
-                              clamp=bool(_get(source, "clamp", False)),
-                              t_mode=str(_get(source, "t_mode", "interpolate")), device=device)
-    raise ValueError(f"unknown teacher.kind {kind!r}; use one of {', '.join(TEACHER_KINDS)}")
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"unknown teacher.kind {kind!r}; use one of {', '.join(TEACHER_KINDS)}")
+    return TEACHER_KINDS[kind](source, device)

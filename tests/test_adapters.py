@@ -27,6 +27,7 @@ from torch import nn
 import teachers
 from teachers import (EDMDenoiser, EDMNetDenoiser, GaussianMixture, VPEpsDenoiser, VPVDenoiser, VPX0Denoiser,
                       load_edm_pickle, load_teacher, make_alphas_cumprod, vp_denoiser)
+from teachers import adapters, make_preset
 from teachers.adapters import from_diffusers
 
 
@@ -370,3 +371,62 @@ def test_load_teacher_bad_inputs(tmp_path):
         load_teacher({"kind": "vp"})
     with pytest.raises(TypeError, match="path or a teacher config"):
         load_teacher(42)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# teacher.kind=ve: continuous variance-exploding nets, x0 / eps / score outputs, from config
+# ---------------------------------------------------------------------------------------------------------------------
+VE_NET = '''
+import torch
+from teachers import make_preset
+
+
+class Net(torch.nn.Module):
+    """The exact ring8 denoiser in the VE convention, reported as x0, eps or score, plus a linear layer whose zero
+    weights must come from the state_dict (a fresh layer is random)."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output, self.gmm, self.lin = output, make_preset("ring8"), torch.nn.Linear(2, 2)
+
+    def forward(self, x, sigma):
+        d = self.gmm(x, sigma) + self.lin(x.float()).to(x.dtype)
+        s = sigma[:, None]
+        return {"x0": d, "eps": (x - d) / s, "score": (d - x) / s**2}[self.output]
+'''
+
+
+@pytest.mark.parametrize("output,cls", [("x0", adapters.VEDenoiser), ("eps", adapters.VEEpsDenoiser),
+                                        ("score", adapters.VEScoreDenoiser)])
+def test_ve_kind_from_config_is_exact(tmp_path, monkeypatch, output, cls):
+    """`teacher.kind=ve` (or `teacher=ve`) loads a user's net from `target` + `path` and gives its exact denoiser
+    whatever it predicts; the wrong output type is visibly wrong."""
+    from fkdiff.recipes import compose
+
+    pkg = tmp_path / "venet"
+    pkg.mkdir()
+    (pkg / "my_ve_net.py").write_text(VE_NET)
+    monkeypatch.syspath_prepend(str(pkg))
+    import my_ve_net
+
+    net = my_ve_net.Net(output)
+    torch.nn.init.zeros_(net.lin.weight), torch.nn.init.zeros_(net.lin.bias)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    ring = make_preset("ring8")
+    s = torch.logspace(-2.5, 1.5, 200, dtype=torch.float64)
+    x = _points(ring, s, n=200, seed=4)
+    for alias in ("teacher.kind=ve", "teacher=ve"):
+        cfg = compose(["recipe=digits", alias, "teacher.target=my_ve_net:Net", f"+teacher.target_kwargs.output={output}",
+                       f"teacher.path={tmp_path / 'w.pt'}", f"teacher.prediction={output}"])
+        den = load_teacher(cfg.teacher)
+        assert type(den) is cls and (den.sigma_min, den.sigma_max) == (0.002, 80.0)  # EDM's range from the config
+        assert not den.training and not any(p.requires_grad for p in den.parameters())
+        torch.testing.assert_close(den(x, s), ring(x, s), atol=1e-9, rtol=1e-9)
+    for other, wrong in adapters.VE_ADAPTERS.items():
+        if other != output:
+            assert (wrong(net)(x, s) - ring(x, s)).abs().max() > 0.05
+    with pytest.raises(ValueError, match="teacher.prediction='v' for teacher.kind=ve"):
+        load_teacher({"kind": "ve", "target": "my_ve_net:Net", "prediction": "v"})
+    with pytest.raises(ValueError, match="teacher.kind=ve needs teacher.target"):
+        load_teacher({"kind": "ve"})
+    monkeypatch.delitem(sys.modules, "my_ve_net")

@@ -153,3 +153,47 @@ def test_energy_and_score_is_one_pass_per_component():
     a = Counting(ring8())
     targets.energy_and_score(compose.tempered(a, 3.0), x, 0.2, max_batch=16)
     assert a.calls == 4  # one per chunk
+
+
+def test_conditioned_binds_labels_and_vectors():
+    """compose.conditioned(model, y): a class label is broadcast to `[B]` int64, a condition vector to `[B, c]`."""
+    seen = []
+
+    class Conditional:
+        def energy(self, x, sigma, cond=None):
+            seen.append(cond)
+            return (x**2).sum(1) + cond.double().reshape(x.shape[0], -1).sum(1)
+
+        def score(self, x, sigma, cond=None):
+            seen.append(cond)
+            return -2 * x
+
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    lab = compose.conditioned(Conditional(), 4)
+    assert torch.equal(lab.energy(x, 0.5), torch.full((3,), 4.0, dtype=torch.float64))
+    assert seen[-1].dtype == torch.int64 and seen[-1].shape == (3,)
+    vec = compose.conditioned(Conditional(), [0.25, 0.5])
+    assert torch.equal(vec.energy(x, 0.5), torch.full((3,), 0.75, dtype=torch.float64))
+    assert seen[-1].shape == (3, 2) and seen[-1].dtype == torch.float64
+    # a bound model composes like any target
+    p = compose.product(lab, vec)
+    assert torch.equal(p.score(x + 1, 0.5), -4 * (x + 1))
+
+
+def test_linear_operators_are_one_formula(gen):
+    """Product, negation, temperature and conditioning are `Linear` with their coefficients; the one formula
+    E = sum_j c_j E_j (score alike) holds for any coefficients."""
+    a, b, c = ring8(radius=1.0, std=0.15), _gmm_b(), gaussian([0.5, -0.5], 0.4)
+    assert compose.product(a, b, c).coefficients == (1.0, 1.0, 1.0)
+    assert compose.negation(a, b, alpha=0.3).coefficients == (1.0, -0.3)
+    assert compose.tempered(a, 2.5).coefficients == (2.5,)
+    assert compose.conditional(a, [b, c], weights=[1.0, 2.0]).coefficients == (-2.0, 1.0, 2.0)
+    lin = compose.Linear([a, b], [0.5, -2.0])
+    x = _x(gen)
+    for sigma in (0.05, 3.0):
+        assert torch.allclose(lin.energy(x, sigma), 0.5 * a.energy(x, sigma) - 2.0 * b.energy(x, sigma), atol=1e-12)
+        assert torch.allclose(lin.score(x, sigma), _autograd_score(lin, x, sigma), atol=1e-8)
+        e, s = lin.energy_and_score(x, sigma)
+        assert torch.equal(e, lin.energy(x, sigma)) and torch.equal(s, lin.score(x, sigma))
+    with pytest.raises(ValueError, match="2 finite coefficients"):
+        compose.Linear([a, b], [1.0])

@@ -1,4 +1,4 @@
-"""Datamodules (toy2d, shapes, digits, cifar10), the registry, the seeded train order, and the shapes detector."""
+"""Datamodules (toy2d, shapes, digits, cifar10), the registry, the step-indexed train order, and the shapes detector."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from fkdiff.data import DATAMODULES, build_datamodule
+from types import SimpleNamespace
+
+from fkdiff.data import DATAMODULES, StepBatches, build_datamodule
 from fkdiff.data import shapes as S
-from fkdiff.data.modules import SeededShuffleSampler
 from fkdiff.data.sources import CIFAR10_URL
+from fkdiff.seeding import seeded_generator
+from teachers import make_preset
 from conftest import write_cifar
 
 
@@ -39,69 +42,87 @@ def _check_contract(dm):
 
 
 def test_registry_and_bad_arguments():
-    assert set(DATAMODULES) == {"toy2d", "shapes", "digits", "cifar10"}
-    with pytest.raises(KeyError, match="available: cifar10, digits, shapes, toy2d"):
+    from fkdiff.training import build_datamodule_from_config
+
+    ring = make_preset("ring8")
+    assert set(DATAMODULES) == {"toy2d", "shapes", "digits", "cifar10", "moons"}
+    with pytest.raises(KeyError, match="available: cifar10, digits, moons, shapes, toy2d"):
         build_datamodule("mnist")
     with pytest.raises(TypeError, match="unexpected argument.*bogus.*accepts:.*preset"):
         build_datamodule("toy2d", bogus=1)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
-        build_datamodule("toy2d", batch_size=0)
+        build_datamodule("toy2d", preset=ring, batch_size=0)
     with pytest.raises(ValueError, match="val_fraction must be in"):
         build_datamodule("digits", val_fraction=1.0)
     with pytest.raises(ValueError, match="power of two"):
         build_datamodule("digits", size=12)
     with pytest.raises(ValueError, match="power of two"):
         build_datamodule("shapes", canvas=20)
+    # preset names are resolved by the config wiring (teachers.make_preset), not by fkdiff.data
     with pytest.raises(KeyError, match="unknown 2D preset"):
-        build_datamodule("toy2d", preset="nope")
+        build_datamodule_from_config({"name": "toy2d", "preset": "nope"})
+    with pytest.raises(TypeError, match="preset must be.*teachers.make_preset"):
+        build_datamodule("toy2d", preset="ring8")
     with pytest.raises(TypeError, match="preset must be"):
         build_datamodule("toy2d", preset=3)
 
 
-def test_seeded_order_is_pure_function_of_seed_and_epoch():
-    s = SeededShuffleSampler(100, seed=3)
-    s.set_epoch(2)
-    e2 = list(s)
-    assert sorted(e2) == list(range(100))
-    s.set_epoch(0)
-    e0 = list(s)
-    assert e0 != e2 and e0 == list(SeededShuffleSampler(100, seed=3))  # fresh sampler, epoch 0
-    s.set_epoch(2)
-    assert list(s) == e2  # same epoch again, whatever was iterated in between
-    assert list(SeededShuffleSampler(100, seed=4)) != e0
-    # the order through the datamodule's loader follows the sampler, and leaves the global RNG alone
-    dm = build_datamodule("toy2d", num_samples=64, batch_size=8, seed=5, val_fraction=0.25)
+def _attach(dm, step=0, rank=0, world_size=1):
+    """What Lightning's Trainer gives a datamodule: the attributes the train loader reads."""
+    dm.trainer = SimpleNamespace(global_step=step, global_rank=rank, world_size=world_size)
+    return dm
+
+
+def _epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=seeded_generator(seed, epoch, 0, "data"))
+
+
+def test_train_order_is_pure_function_of_seed_and_step():
+    """Step k takes the next batch of the permutation of its epoch, drawn from (seed, epoch); the order does not
+    depend on what was iterated before (a loader started at step k gives the batches of an uninterrupted one), and the
+    loader leaves the global RNG alone."""
+    dm = build_datamodule("toy2d", preset=make_preset("ring8"), num_samples=64, batch_size=8, seed=5,
+                          val_fraction=0.25)
     state = torch.random.get_rng_state()
-    dl = dm.train_dataloader()
-    dl.sampler.set_epoch(1)
-    xs = torch.cat([b["x"] for b in dl])
+    it = iter(dm.train_dataloader())
+    xs = [next(it)["x"] for _ in range(12)]  # two epochs of 6 steps (48 training examples)
     assert torch.equal(torch.random.get_rng_state(), state)
-    ref = SeededShuffleSampler(48, seed=5)
-    ref.set_epoch(1)
-    assert torch.equal(xs, dm.train_set.x[list(ref)])
+    for epoch in range(2):
+        ref = dm.train_set.x[_epoch_order(48, 5, epoch)]
+        assert torch.equal(torch.cat(xs[6 * epoch: 6 * (epoch + 1)]), ref)
+    assert not torch.equal(torch.cat(xs[:6]), torch.cat(xs[6:]))  # each epoch its own permutation
+    resumed = iter(_attach(dm, step=7).train_dataloader())
+    assert torch.equal(next(resumed)["x"], xs[7])
+    other = StepBatches(dm.train_set, 8, seed=4)  # another seed, another order of the same examples
+    assert not torch.equal(other.indices(0), _epoch_order(48, 5, 0)[:8])
 
 
-def test_ddp_wrapper_shards_the_seeded_order():
-    # what Lightning does under DDP with a custom sampler: DistributedSamplerWrapper, forwarding set_epoch
-    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+def test_ddp_ranks_share_the_global_batch():
+    """Rank r of w gets rows r, r + w, ... of the single-process global batch, so w processes see the same data as
+    one; workers interleave steps without changing the sequence."""
+    dm = build_datamodule("toy2d", preset=make_preset("ring8"), num_samples=40, batch_size=4, seed=1,
+                          val_fraction=0.1)
+    single = iter(dm.train_dataloader())
+    full = [next(single)["x"] for _ in range(12)]
+    ranks = [iter(_attach(build_datamodule("toy2d", preset=make_preset("ring8"), num_samples=40, batch_size=4,
+                                           seed=1, val_fraction=0.1), rank=r, world_size=2).train_dataloader())
+             for r in range(2)]
+    for k in range(12):
+        parts = [next(it)["x"] for it in ranks]
+        assert torch.equal(torch.stack(parts, 1).reshape(-1, 2), full[k])
+    with pytest.raises(ValueError, match="not divisible"):
+        iter(_attach(dm, world_size=3).train_dataloader())
+    workers = build_datamodule("toy2d", preset=make_preset("ring8"), num_samples=40, batch_size=4, seed=1,
+                               val_fraction=0.1, num_workers=2)
+    it = iter(workers.train_dataloader())
+    assert all(torch.equal(next(it)["x"], full[k]) for k in range(12))
 
-    dm = build_datamodule("toy2d", num_samples=40, batch_size=4, seed=1, val_fraction=0.1)
-    sampler = dm.train_dataloader().sampler
-    shards = []
-    for rank in range(2):
-        w = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False)
-        w.set_epoch(3)
-        shards.append(list(w))
-    ref = SeededShuffleSampler(36, seed=1)
-    ref.set_epoch(3)
-    assert sorted(shards[0] + shards[1]) == list(range(36))
-    assert shards[0] == list(ref)[0::2] and shards[1] == list(ref)[1::2]
 
-
-def test_lightning_fit_sees_dict_batches_in_seeded_order(tmp_path):
+def test_lightning_fit_sees_dict_batches_in_step_order(tmp_path):
     import lightning.pytorch as pl
 
-    dm = build_datamodule("toy2d", num_samples=40, batch_size=9, seed=2, val_fraction=0.1)
+    dm = build_datamodule("toy2d", preset=make_preset("ring8"), num_samples=40, batch_size=9, seed=2,
+                          val_fraction=0.1)
     seen = []
 
     class Probe(pl.LightningModule):
@@ -110,28 +131,27 @@ def test_lightning_fit_sees_dict_batches_in_seeded_order(tmp_path):
             self.w = torch.nn.Parameter(torch.zeros(()))
 
         def training_step(self, batch, i):
-            seen.append((self.current_epoch, batch["x"].clone()))
+            seen.append((self.global_step, batch["x"].clone()))
             return (self.w * batch["x"].sum()) ** 2
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         default_root_dir=tmp_path)
+                         default_root_dir=tmp_path, use_distributed_sampler=False)
     trainer.fit(Probe(), datamodule=dm)
-    for epoch in range(2):
-        ref = SeededShuffleSampler(36, seed=2)
-        ref.set_epoch(epoch)
-        got = torch.cat([x for e, x in seen if e == epoch])
-        assert torch.equal(got, dm.train_set.x[list(ref)])
+    assert [k for k, _ in seen] == list(range(10))
+    order = StepBatches(dm.train_set, 9, seed=2)  # 36 examples: 4 steps per epoch
+    for k, x in seen:
+        assert torch.equal(x, dm.train_set.x[order.indices(k)])
 
 
 # ------------------------------------------------------------------------------------------------ toy2d
 
 
 def test_toy2d_samples_the_teacher():
-    dm = build_datamodule("toy2d", preset="ring8", num_samples=20000, batch_size=256, seed=0)
+    dm = build_datamodule("toy2d", preset=make_preset("ring8"), num_samples=20000, batch_size=256, seed=0)
     _check_contract(dm)
     assert dm.event_shape == (2,) and dm.cond_kind == "none" and dm.num_classes is None and dm.cond_dim is None
     x = torch.cat([dm.train_set.x, dm.val_set.x]).double()
@@ -146,10 +166,10 @@ def test_toy2d_samples_the_teacher():
     assert math.isclose(dm.sigma_data, float(((torch.diagonal(cov).sum() + mean.square().sum()) / 2).sqrt()),
                         rel_tol=1e-12)
     # deterministic from the seed, different across seeds
-    again = build_datamodule("toy2d", preset="ring8", num_samples=20000, seed=0)
+    again = build_datamodule("toy2d", preset=make_preset("ring8"), num_samples=20000, seed=0)
     again.setup()
     assert torch.equal(again.train_set.x, dm.train_set.x)
-    other = build_datamodule("toy2d", preset="ring8", num_samples=20000, seed=1)
+    other = build_datamodule("toy2d", preset=make_preset("ring8"), num_samples=20000, seed=1)
     other.setup()
     assert not torch.equal(other.train_set.x, dm.train_set.x)
 
@@ -165,11 +185,46 @@ def test_toy2d_accepts_a_teacher_object():
     assert box.contains(x.double()).all()
     # sigma_data = RMS about zero = sqrt(mean over coordinates of (var + mean^2)) = sqrt((4/12 + 1 + 4/12) / 2)
     assert math.isclose(dm.sigma_data, math.sqrt((4 / 12 + 1 + 4 / 12) / 2), rel_tol=1e-12)
-    with pytest.raises(ValueError, match="preset_kwargs"):
-        build_datamodule("toy2d", preset=box, preset_kwargs={"std": 1.0})
-    dm = build_datamodule("toy2d", preset="ring8", preset_kwargs={"radius": 2.0}, num_samples=100)
+    # a preset name with keyword arguments, as the config gives it (data.preset, data.preset_kwargs)
+    from fkdiff.training import build_datamodule_from_config
+
+    dm = build_datamodule_from_config({"name": "toy2d", "preset": "ring8", "preset_kwargs": {"radius": 2.0},
+                                       "num_samples": 100})
     dm.setup()
     assert ((dm.train_set.x.norm(dim=1) - 2.0).abs() < 0.5).all()
+
+
+# ------------------------------------------------------------------------------------------------ moons
+
+
+def test_moons_through_the_config_and_a_teacher_run(tmp_path):
+    """data=moons: the config file builds the datamodule; two half circles of radius 1 around (-0.5, -0.25) and
+    (0.5, 0.25) after centring, Gaussian noise of std 0.05 (every point within 6 std of one circle), deterministic
+    from the seed; a teacher trains on it through the real entry-point function."""
+    from fkdiff.recipes import compose
+    from fkdiff.training import build_datamodule_from_config
+    from teachers import load_teacher
+    from teachers.train import train
+
+    cfg = compose(["data=moons", "data.num_samples=4000"])
+    dm = build_datamodule_from_config(cfg.data)
+    _check_contract(dm)
+    assert dm.event_shape == (2,) and dm.cond_kind == "none" and len(dm.train_set) == 3600
+    x = torch.cat([dm.train_set.x, dm.val_set.x]).double()
+    d = torch.stack([(x - torch.tensor(c, dtype=x.dtype)).norm(dim=1) for c in ((-0.5, -0.25), (0.5, 0.25))], 1)
+    assert ((d - 1).abs().min(1).values < 6 * 0.05).all()
+    assert 0.45 < ((d[:, 0] - 1).abs() < (d[:, 1] - 1).abs()).double().mean() < 0.55  # two equal halves
+    again = build_datamodule_from_config(cfg.data)
+    again.setup()
+    assert torch.equal(again.train_set.x, dm.train_set.x)
+    other = build_datamodule_from_config(compose(["data=moons", "data.num_samples=4000", "seed=1"]).data)
+    other.setup()
+    assert not torch.equal(other.train_set.x, dm.train_set.x)
+    path = train(compose(["recipe=toy2d", "task=train_teacher", "data=moons", "data.num_samples=1000",
+                          f"run_dir={tmp_path}", "train_teacher.max_steps=2", "train_teacher.backbone.width=16",
+                          "logger=none", "trainer.enable_progress_bar=false", "+trainer.limit_val_batches=0",
+                          "+trainer.enable_model_summary=false"]))
+    assert load_teacher(path).event_shape == (2,)
 
 
 # ------------------------------------------------------------------------------------------------ shapes

@@ -178,6 +178,41 @@ def test_as_sigma_forms_and_errors():
         D.as_sigma(torch.tensor([0.1, float("inf"), 0.3, 0.4]), x)
 
 
+def test_sigma_is_validated_once_where_it_enters(monkeypatch):
+    """One energy_and_score of a product of two energy students validated sigma 6 times (each a host sync on a
+    GPU): now once, where the user's value enters; a whole SMC run validates its levels once up front (noise_levels)
+    and never per evaluation. A bad sigma is still refused at every public entry."""
+    from fkdiff import compose, smc, targets
+    from fkdiff.energy import build_student
+    from fkdiff.mcmc import HMC
+
+    calls = []
+    check = D.check_sigma
+    monkeypatch.setattr(D, "check_sigma", lambda s: (calls.append(tuple(s.shape)), check(s))[1])
+    torch.manual_seed(0)
+    a, b = (build_student((2,), 0.5, "l2", backbone={"kind": "mlp", "width": 16, "num_blocks": 1}) for _ in range(2))
+    prod = compose.product(a, b)
+    x = torch.randn(8, 2, dtype=F64)
+    e, sc = targets.energy_and_score(prod, x, 0.3)
+    assert len(calls) == 1 and e.shape == (8,) and sc.shape == (8, 2)
+    calls.clear()
+    targets.energy_and_score(prod, x, 0.3, max_batch=3)  # chunks of a checked sigma stay checked
+    assert len(calls) == 1
+    calls.clear()
+    smc.sample(prod, 16, shape=(2,), num_levels=4, sigma_max=5.0, sigma_min=0.01, mcmc=HMC(1, 2),
+               generator=torch.Generator().manual_seed(0))
+    assert calls == []
+    # the values are what a separately validated call gives
+    torch.testing.assert_close(e, a.energy(x, 0.3).double() + b.energy(x, 0.3).double())
+    for bad in (-0.3, float("nan")):
+        with pytest.raises(ValueError, match="sigma must be"):
+            prod.energy(x, bad)
+        with pytest.raises(ValueError, match="sigma must be"):
+            a.energy(x, torch.full((8,), bad))
+        with pytest.raises(ValueError, match="sigma must be"):
+            targets.energy_and_score(prod, x, bad)
+
+
 def test_check_batch_and_append_dims_errors():
     D.check_batch(torch.zeros(3, 2), 1)
     D.check_batch(torch.zeros(3, 1, 4, 4), 3)

@@ -19,9 +19,9 @@ from fkdiff.recipes import available_recipes, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MLP = ["student.backbone.width=16", "student.backbone.num_blocks=1", "+student.backbone.emb_dim=16"]
-FAST = ["recipe=toy2d", "logger.kind=none", "trainer.enable_progress_bar=false", "distill.presets=[ring8]",
+FAST = ["recipe=toy2d", "logger.kind=none", "trainer.enable_progress_bar=false", "teacher.preset=[ring8]",
         "distill.plot.enabled=false", "distill.eval.enabled=false", "distill.diagnostics_every_n_steps=0",
-        "distill.val_every_n_steps=100000", *TINY_MLP, "data.batch_size=64", "+data.num_samples=4096",
+        "distill.val_every_n_steps=100000", *TINY_MLP, "data.batch_size=64", "data.num_samples=4096",
         "distill.num_threads=1", "+trainer.enable_model_summary=false"]
 
 
@@ -214,13 +214,13 @@ def test_wandb_offline_run_files_and_validation_plots(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------- recipes
 
 
-IMAGE_DATA = {"shapes": ["+data.num_samples=64"], "digits": [],
+IMAGE_DATA = {"shapes": ["data.num_samples=64"], "digits": [],
               "cifar10": ["data.root=__CIFAR__"]}
 
 
 @pytest.mark.parametrize("recipe", sorted(IMAGE_DATA))
 def test_image_recipes_distil_a_small_teacher(recipe, tmp_path):
-    from fkdiff.distill import _datamodule
+    from fkdiff.training import build_datamodule_from_config
     from teachers import EDMDenoiser, save_teacher
 
     assert set(IMAGE_DATA) | {"toy2d"} <= set(available_recipes())
@@ -234,7 +234,7 @@ def test_image_recipes_distil_a_small_teacher(recipe, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"python -m teachers.train recipe={recipe}"):
         distill(compose(base))  # no teacher.path: says what to run
     cfg = compose(base)
-    dm = _datamodule(dict(cfg.data))
+    dm = build_datamodule_from_config(cfg.data)
     teacher = EDMDenoiser.build(dm.event_shape, sigma_data=dm.sigma_data, cond_kind=dm.cond_kind,
                                 num_classes=dm.num_classes, cond_dim=dm.cond_dim,
                                 backbone={"kind": "unet", "channels": [4, 8], "emb_dim": 16})

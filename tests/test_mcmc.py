@@ -87,6 +87,7 @@ KERNELS = {
     "hmc_L1": lambda: mcmc.HMC(num_leapfrog=1, num_steps=2),
     "mala": lambda: mcmc.MALA(),
     "mala_3steps": lambda: mcmc.MALA(num_steps=3),
+    "rwm_3steps": lambda: mcmc.RWM(num_steps=3),
 }
 
 
@@ -162,7 +163,7 @@ def truncated_logdensity(cut, bad):
 
 
 @pytest.mark.parametrize("bad", ["-inf", "nan"])
-@pytest.mark.parametrize("cls", [mcmc.HMC, mcmc.MALA, mcmc.ULA, mcmc.UHMC])
+@pytest.mark.parametrize("cls", [mcmc.HMC, mcmc.MALA, mcmc.ULA, mcmc.UHMC, mcmc.RWM])
 def test_nonfinite_proposals_rejected(cls, bad, gen):
     cut = 0.3
     x0 = torch.randn(3 * N, 2, generator=gen, dtype=torch.float64)
@@ -194,7 +195,8 @@ def test_nonfinite_current_state_is_left(gen):
     assert torch.isfinite(info.logp).all()
 
 
-@pytest.mark.parametrize("cls,init", [(mcmc.MALA, 0.02), (mcmc.MALA, 20.0), (mcmc.HMC, 0.02), (mcmc.HMC, 20.0)])
+@pytest.mark.parametrize("cls,init", [(mcmc.MALA, 0.02), (mcmc.MALA, 20.0), (mcmc.HMC, 0.02), (mcmc.HMC, 20.0),
+                                      (mcmc.RWM, 0.02), (mcmc.RWM, 20.0)])
 def test_adaptation_converges_to_target(cls, init, gen):
     """log c <- log c + gain (acc - target): from a step 25x too small or 40x too large the acceptance reaches the
     target. On a 2D GMM the HMC acceptance is not monotone in the step size (leapfrog resonances), hence the wider
@@ -322,3 +324,39 @@ def test_validation():
     assert mcmc.HMC().target_accept == 0.7  # Du et al. appendix C.2
     with pytest.raises(TypeError):
         mcmc.HMC(1, 3, 0.1)
+
+
+def test_kernel_is_a_pure_move_and_the_adapter_reduces_over_the_population(gen):
+    """The blackjax split: `kernel.step(chain, logdensity_fn, step_size, generator)` is a pure move (same inputs, same
+    output; no adaptation state), and `StepSizeAdapter` picks the step from every row its `gather` returns (here a
+    population whose other shard has 100x the gradients) and adapts from the whole population's acceptance."""
+    f = gaussian_logdensity()
+    kernel = mcmc.MALA()
+    chain = kernel.init(gaussian_sample(300, gen), f)
+    assert isinstance(chain, mcmc.ChainState) and chain.logp.shape == (300,) and chain.grad.shape == (300, 2)
+    out = [kernel.step(chain, f, 0.3, torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(out[0][0].x, out[1][0].x) and isinstance(out[0][1], mcmc.MoveInfo)
+    assert out[0][1].num_evals == 1 and out[0][1].acceptance.shape == (300,)
+
+    other = [None, None]  # the rows "held by another process": mean squared gradients, then acceptances
+
+    def gather(t):
+        other_rows = 1e4 * t if other[0] is None else torch.zeros_like(t)  # first call: msg; second: acceptance
+        other[0] = other_rows
+        return torch.cat([t, other_rows])
+
+    state = kernel.init_state()
+    x, new_state, info = mcmc.StepSizeAdapter(kernel, gather)(chain.x, f, generator=gen, state=state,
+                                                              logp=chain.logp, grad=chain.grad)
+    msg = chain.grad.double().pow(2).mean(1)
+    expect = math.exp(state.log_scale) * mcmc.scale_from_mean_squared_grad(torch.cat([msg, 1e4 * msg]))
+    assert info.step_size == pytest.approx(expect, rel=1e-12)
+    assert info.step_size < 0.5 * math.exp(state.log_scale) * mcmc.population_scale(chain.grad)
+    # adaptation from the mean over both shards (the other shard accepted nothing)
+    assert new_state.acceptance == pytest.approx(float(info.mh_acceptance.mean()) / 2, rel=1e-12)
+    assert new_state.log_scale == pytest.approx(state.log_scale + kernel.adapt_gain * (new_state.acceptance -
+                                                                                        kernel.target_accept))
+    # a kernel called directly is the adapter over the rows given
+    x1, s1, i1 = kernel(chain.x, f, generator=torch.Generator().manual_seed(3), state=state)
+    x2, s2, i2 = mcmc.StepSizeAdapter(kernel)(chain.x, f, generator=torch.Generator().manual_seed(3), state=state)
+    assert torch.equal(x1, x2) and s1 == s2 and i1.step_size == i2.step_size

@@ -74,11 +74,14 @@ def test_reverse_diffusion_single_gmm_exact_score(variance, gen):
     400 levels about 0.5 standard errors of the N = 4000 sample, inside the z < 4 band."""
     gmm = iso_gmm(**SINGLE)
     n = 4000
-    res = samplers.reverse_diffusion(gmm, n, num_steps=400, generator=gen, variance=variance, **KW)
+    res = samplers.reverse_diffusion(gmm, n, num_levels=400, generator=gen, variance=variance, **KW)
     z = zscores(res.samples, gmm)
     assert z.abs().max() < Z_TOL, z.tolist()
     assert isinstance(res, SMCResult)
-    assert res.nfe == 400 and math.isnan(res.log_Z)
+    assert res.nfe == 400 and res.log_Z is None and res.log_Z_se is None  # an unweighted sampler: no log Z
+    assert res.summary()["log_Z_estimated"] is False and "log Z not estimated" in res.report()
+    with pytest.raises(ValueError, match="not estimated"):
+        res.log_Z_ci()
     assert torch.allclose(res.log_weights, torch.full((n,), -math.log(n), dtype=torch.float64))
     assert res.ess.shape == (400,) and (res.ess == n).all() and not res.resampled.any()
     assert res.acceptance is None and res.total_invalid == 0
@@ -94,7 +97,7 @@ def test_reverse_diffusion_on_product_fails_and_annealed_mcmc_fixes_it(gen):
     truth, _ = gmm_product(a, b)
     target = product(a, b)
     n = 2000
-    rd = samplers.reverse_diffusion(target, n, num_steps=200, generator=gen, **KW)
+    rd = samplers.reverse_diffusion(target, n, num_levels=200, generator=gen, **KW)
     z_rd = zscores(rd.samples, truth)
     assert z_rd.abs().max() > 2.5 * Z_TOL, z_rd.tolist()
     # noise floor of the mode TV for N exact samples: E TV ~ sum_k sqrt(w_k (1 - w_k) / N) / 2 * sqrt(2/pi) ~ 0.017
@@ -102,9 +105,9 @@ def test_reverse_diffusion_on_product_fails_and_annealed_mcmc_fixes_it(gen):
     tv_rd = mode_tv(rd.samples, truth)
     assert tv_rd > 3 * floor, (tv_rd, floor)
     # the same sampler on each *factor* alone is fine: the failure is the composition, not the sampler
-    assert zscores(samplers.reverse_diffusion(b, n, num_steps=200, generator=gen, **KW).samples, b).abs().max() < Z_TOL
+    assert zscores(samplers.reverse_diffusion(b, n, num_levels=200, generator=gen, **KW).samples, b).abs().max() < Z_TOL
 
-    am = samplers.annealed_mcmc(target, n, num_steps=60, mcmc=mcmc.HMC(num_steps=2), generator=gen, **KW)
+    am = samplers.annealed_mcmc(target, n, num_levels=60, mcmc=mcmc.HMC(num_steps=2), generator=gen, **KW)
     z_am = zscores(am.samples, truth)
     assert z_am.abs().max() < 0.3 * z_rd.abs().max(), (z_am.tolist(), z_rd.tolist())
     assert z_am.abs().max() < 1.5 * Z_TOL, z_am.tolist()
@@ -120,8 +123,8 @@ def test_deterministic_and_max_batch_independent():
     outs = []
     for max_batch in (None, 33):
         g = torch.Generator().manual_seed(3)
-        r1 = samplers.reverse_diffusion(gmm, 100, num_steps=20, generator=g, max_batch=max_batch, **KW)
-        r2 = samplers.annealed_mcmc(gmm, 100, num_steps=10, generator=g, max_batch=max_batch, **KW)
+        r1 = samplers.reverse_diffusion(gmm, 100, num_levels=20, generator=g, max_batch=max_batch, **KW)
+        r2 = samplers.annealed_mcmc(gmm, 100, num_levels=10, generator=g, max_batch=max_batch, **KW)
         outs.append((r1.samples, r2.samples))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
@@ -134,12 +137,12 @@ def test_reverse_diffusion_accepts_denoisers_and_score_only_fields(gen):
             return gmm.score(x, sigma)
 
     g1, g2, g3 = (torch.Generator().manual_seed(9) for _ in range(3))
-    r_target = samplers.reverse_diffusion(gmm, 64, num_steps=15, generator=g1, **KW)
-    r_denoiser = samplers.reverse_diffusion(lambda x, s: gmm(x, s), 64, num_steps=15, generator=g2, **KW)
-    r_score = samplers.reverse_diffusion(ScoreOnly(), 64, num_steps=15, generator=g3, **KW)
+    r_target = samplers.reverse_diffusion(gmm, 64, num_levels=15, generator=g1, **KW)
+    r_denoiser = samplers.reverse_diffusion(lambda x, s: gmm(x, s), 64, num_levels=15, generator=g2, **KW)
+    r_score = samplers.reverse_diffusion(ScoreOnly(), 64, num_levels=15, generator=g3, **KW)
     assert torch.allclose(r_target.samples, r_denoiser.samples, atol=1e-8)
     assert torch.equal(r_target.samples, r_score.samples)
-    r_raw = samplers.reverse_diffusion(gmm, 64, num_steps=15, generator=gen, final_denoise=False, **KW)
+    r_raw = samplers.reverse_diffusion(gmm, 64, num_levels=15, generator=gen, final_denoise=False, **KW)
     assert r_raw.nfe == 14
 
 
@@ -160,16 +163,35 @@ def test_nonfinite_scores_are_dropped_not_returned(gen):
             return s
 
     for sampler in (samplers.reverse_diffusion, samplers.annealed_mcmc):
-        res = sampler(Holey(), 500, num_steps=30, generator=gen, **KW)
+        res = sampler(Holey(), 500, num_levels=30, generator=gen, **KW)
         assert torch.isfinite(res.samples).all()
         dead = res.log_weights == -math.inf
         assert res.total_invalid > 0 and float(torch.logsumexp(res.log_weights, 0)) == pytest.approx(0.0, abs=1e-12)
         assert int(res.num_alive[-1]) == int((~dead).sum())
 
 
+def test_reverse_diffusion_is_the_textbook_recursion():
+    """The FK formulation run by the SMC engine reproduces the ancestral recursion
+    x_t = x_{t-1} + Delta_t s(x_{t-1}, sigma_{t-1}) + sqrt(v_t) z, then x + sigma_min^2 s, draw for draw."""
+    gmm = iso_gmm(**SINGLE)
+    res = samplers.reverse_diffusion(gmm, 50, num_levels=12, generator=torch.Generator().manual_seed(2), **KW)
+    g = torch.Generator().manual_seed(2)
+    sig = samplers.level_schedule(12, KW["sigma_max"], KW["sigma_min"]).tolist()
+    x = sig[0] * torch.randn(50, 2, generator=g, dtype=torch.float64)
+    for s_prev, s in zip(sig, sig[1:]):
+        delta = s_prev**2 - s**2
+        x = x + delta * gmm.score(x, s_prev) + math.sqrt(delta * s**2 / s_prev**2) * torch.randn(
+            x.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(res.samples, x + sig[-1] ** 2 * gmm.score(x, sig[-1]), rtol=1e-13, atol=1e-13)
+
+
 def test_validation():
     gmm = iso_gmm(**SINGLE)
     with pytest.raises(ValueError):
-        samplers.reverse_diffusion(gmm, 10, num_steps=5, variance="bogus", **KW)
+        samplers.reverse_diffusion(gmm, 10, num_levels=5, variance="bogus", **KW)
     with pytest.raises(ValueError):
-        samplers.reverse_diffusion(gmm, 10, num_steps=3, sigmas=torch.tensor([1.0, 2.0, 0.5]), **KW)
+        samplers.reverse_diffusion(gmm, 10, num_levels=3, sigmas=torch.tensor([1.0, 2.0, 0.5]), **KW)
+    with pytest.raises(TypeError, match="unexpected option"):  # no weights: potentials would do nothing
+        samplers.reverse_diffusion(gmm, 10, num_levels=3, potentials=[lambda x, s: x[:, 0]], **KW)
+    with pytest.raises(TypeError, match="has no energy"):  # annealed MCMC targets exp(-E): a score is not enough
+        samplers.annealed_mcmc(lambda x, s: gmm(x, s), 10, num_levels=3, **KW)

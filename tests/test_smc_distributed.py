@@ -15,7 +15,6 @@ N^-1/2 for SMC), which bounds the sd of the combined estimate; the bound is 4.5 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
@@ -24,14 +23,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 
 from fkdiff import compose, smc
 from fkdiff.diffusion import sigma_schedule
-from fkdiff.mcmc import HMC
+from fkdiff.mcmc import HMC, RWM
 from teachers.analytic import GaussianMixture, gmm_product
 from teachers.presets import ring8
 
@@ -50,43 +48,26 @@ def _gmm_b():
                            [0.5, 0.5])
 
 
-class GlobalNoiseFK(smc.DiffusionFK):
-    """DiffusionFK whose Gaussian noise is drawn for all `world * n` particles from one generator (seeded alike on
-    every rank) and sliced to this rank's rows, so the split over ranks is invisible: an R-rank run must reproduce
-    the 1-rank run exactly. The real DiffusionFK code runs; only its torch.randn calls are redirected."""
+def _global_randn(rank: int = 0, world: int = 1):
+    """The noise seam (DiffusionFK's `randn`): noise drawn for all `world * n` particles from one generator (seeded
+    alike on every rank) and sliced to this rank's rows, so the split over ranks is invisible: an R-rank run must
+    reproduce the 1-rank run exactly."""
+    noise = torch.Generator().manual_seed(NOISE_SEED)
 
-    def __init__(self, *args, noise_seed: int, rank: int = 0, world: int = 1, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.noise = torch.Generator().manual_seed(noise_seed)
-        self.rank, self.world = rank, world
+    def randn(size, *, generator=None, dtype=None, device=None):
+        n = size[0]
+        eps = torch.randn((n * world, *size[1:]), generator=noise, dtype=dtype, device=device)
+        return eps[rank * n:(rank + 1) * n]
 
-    @contextlib.contextmanager
-    def _global_randn(self):
-        randn = torch.randn
-
-        def sliced(size, *, generator=None, dtype=None, device=None):
-            n = size[0]
-            eps = randn((n * self.world, *size[1:]), generator=self.noise, dtype=dtype, device=device)
-            return eps[self.rank * n:(self.rank + 1) * n]
-
-        with mock.patch.object(torch, "randn", sliced):
-            yield
-
-    def M0(self, num, generator):
-        with self._global_randn():
-            return super().M0(num, generator)
-
-    def M(self, t, prev, generator):
-        with self._global_randn():
-            return super().M(t, prev, generator)
+    return randn
 
 
-def _exact_fk(rank: int = 0, world: int = 1) -> GlobalNoiseFK:
+def _exact_fk(rank: int = 0, world: int = 1) -> smc.DiffusionFK:
     target = compose.product(ring8(radius=1.0, std=0.15), _gmm_b())
     sigmas = sigma_schedule(T_EXACT, SMIN, 20.0, dtype=torch.float64)
     # a hard cut below sigma = 1 kills some particles (weight zero) so the dead-particle paths are exercised too
     cut = lambda x, s: torch.where((x[:, 0] > 0.9) & (torch.as_tensor(s) < 1.0), -math.inf, 0.0).double()  # noqa
-    return GlobalNoiseFK(target, sigmas, shape=(2,), potentials=[cut], noise_seed=NOISE_SEED, rank=rank, world=world)
+    return smc.DiffusionFK(target, sigmas, shape=(2,), potentials=[cut], randn=_global_randn(rank, world))
 
 
 class _DeathFK:
@@ -112,7 +93,7 @@ class _DeathFK:
 
 
 def _gmm_kwargs():
-    return dict(shape=(2,), num_steps=200, sigma_max=80.0, sigma_min=SMIN, mcmc=HMC(num_steps=1, num_leapfrog=3),
+    return dict(shape=(2,), num_levels=200, sigma_max=80.0, sigma_min=SMIN, mcmc=HMC(num_steps=1, num_leapfrog=3),
                 final_denoise=False)
 
 
@@ -366,7 +347,7 @@ def test_dead_rank_and_all_dead(ranks):
 def test_cli_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node=2 -m fkdiff.sample`: one run folder written by rank 0 with all N samples."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fkdiff.sample",
-           "recipe=toy2d", f"run_dir={tmp_path}", "sample.num_particles=200", "sample.num_steps=30",
+           "recipe=toy2d", f"run_dir={tmp_path}", "sample.num_particles=200", "sample.num_levels=30",
            "sample.progress=false", "sample.compare_reverse_diffusion=false", "sample.plot.enabled=false", "seed=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env,
@@ -380,9 +361,11 @@ def test_cli_under_torchrun(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::fkdiff.smc.SMCDegeneracyWarning")
-def test_one_rank_with_mcmc_equals_the_engine(tmp_path):
+@pytest.mark.parametrize("kernel", [HMC(num_steps=1, num_leapfrog=3), RWM(num_steps=2)], ids=["hmc", "rwm"])
+def test_one_rank_with_mcmc_equals_the_engine(tmp_path, kernel):
     """With one rank the distributed driver (population-wide step size, all_gather hooks, shared resampling
-    generator = the noise generator) is the single-process engine, MCMC adaptation included, bit for bit."""
+    generator = the noise generator) is the single-process engine, MCMC adaptation included, bit for bit, for any
+    fkdiff.mcmc kernel."""
     import torch.distributed as dist
 
     from fkdiff.smc import distributed
@@ -391,7 +374,7 @@ def test_one_rank_with_mcmc_equals_the_engine(tmp_path):
                             timeout=datetime.timedelta(seconds=30))
     try:
         fk = _exact_fk()
-        kw = dict(resample="systematic", ess_threshold=0.5, mcmc=HMC(num_steps=1, num_leapfrog=3))
+        kw = dict(resample="systematic", ess_threshold=0.5, mcmc=kernel)
         g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
         res = distributed.run_smc(fk, 64, generator=g1, resample_generator=g1, **kw)
         ref = smc.run_smc(_exact_fk(), 64, generator=g2, **kw)

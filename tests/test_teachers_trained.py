@@ -151,8 +151,8 @@ def test_toy2d_teacher_close_to_exact_denoiser(tmp_path):
     run_dir = tmp_path / "run"
     from teachers.train import train
 
-    cfg = compose(["recipe=toy2d", "task=train_teacher", f"run_dir={run_dir}", "+data.preset=ring8",
-                   "+data.num_samples=16384", "data.batch_size=256", "train_teacher.max_steps=600",
+    cfg = compose(["recipe=toy2d", "task=train_teacher", f"run_dir={run_dir}", "data.preset=ring8",
+                   "data.num_samples=16384", "data.batch_size=256", "train_teacher.max_steps=600",
                    "train_teacher.backbone.width=64", "train_teacher.backbone.num_blocks=2", "train_teacher.lr=2e-3",
                    "train_teacher.warmup_steps=50", "train_teacher.ema_decay=0.99", "logger.kind=csv",
                    "+trainer.limit_val_batches=2",
@@ -225,7 +225,7 @@ def test_conditional_teacher_null_token():
 
 def _tiny(run_dir, steps, *extra):
     """A few-second toy2d run: 5 optimiser steps per epoch (144 training points, batch 32)."""
-    return compose(["recipe=toy2d", "task=train_teacher", f"run_dir={run_dir}", "+data.num_samples=160",
+    return compose(["recipe=toy2d", "task=train_teacher", f"run_dir={run_dir}", "data.num_samples=160",
                     "data.batch_size=32", f"train_teacher.max_steps={steps}", "train_teacher.backbone.width=16",
                     "train_teacher.backbone.num_blocks=1", "train_teacher.warmup_steps=3",
                     "train_teacher.ema_decay=0.9", "+trainer.limit_val_batches=0",
@@ -247,6 +247,28 @@ def test_resume_from_last_matches_uninterrupted_run(tmp_path, caplog):
     assert any((v - ref[k]).abs().max() > 1e-4 for k, v in short.state_dict().items())  # 5 more steps did change it
     with pytest.raises(FileNotFoundError, match="ckpt_path=last"):
         train(_tiny(tmp_path / "c", 5, "train_teacher.ckpt_path=last"))
+
+
+def test_ddp_two_cpu_processes_match_one(tmp_path):
+    """`trainer.devices=2 trainer.strategy=ddp` (gloo) through the real entry point: the global batch (StepBatches)
+    and its sigma / noise are functions of (seed, step), drawn for the global batch and sliced per rank, so 2 processes
+    x 16 rows train the weights of 1 process x 32 rows (8 steps, across an epoch boundary: 5 steps per epoch)."""
+    from teachers.train import train
+
+    args = ["recipe=toy2d", "data.num_samples=160", "data.batch_size=32", "train_teacher.max_steps=8",
+            "train_teacher.backbone.width=16", "train_teacher.backbone.num_blocks=1", "train_teacher.warmup_steps=3",
+            "train_teacher.ema_decay=0.9", "+trainer.limit_val_batches=0", *QUIET]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "teachers.train", *args, f"run_dir={tmp_path / 'ddp'}",
+                           "trainer.devices=2", "trainer.strategy=ddp"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    single = load_teacher(train(compose(["task=train_teacher", f"run_dir={tmp_path / 'one'}", *args])))
+    ddp = load_teacher(tmp_path / "ddp" / "teacher.pt")
+    ref = dict(single.state_dict())
+    for k, v in ddp.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-6)
 
 
 def test_entry_point_conditional_digits(tmp_path):

@@ -1,18 +1,23 @@
-"""Training data for fkdiff: LightningDataModules for `toy2d`, `shapes`, `digits`, `cifar10` (issue 2, "Data").
+"""Training data for fkdiff: LightningDataModules for `toy2d`, `shapes`, `digits`, `cifar10`, and the data order.
 
 Every datamodule yields batches `{"x": float32 [B, *event], "cond": ...}` ("cond" absent for unconditional data) and
 exposes `event_shape`, `cond_kind` ("none" | "class" | "position"), `num_classes`, `cond_dim`, `sigma_data`,
-`train_dataloader()`, `val_dataloader()`.  Build one by name with `build_datamodule(name, **kwargs)`.
+`train_dataloader()` (endless; batch k a pure function of (seed, k): `StepBatches`), `val_dataloader()`.
+Build one by name with `build_datamodule(name, **kwargs)`; a new dataset is a class in `fkdiff.data.modules` (plus its
+entry in `DATAMODULES`) and a config file `fkdiff/conf/data/<name>.yaml`.
 
-Only the datamodules import Lightning, and they are imported lazily: `fkdiff.data.shapes` (procedural images and the
-position detector used by composition metrics) and `fkdiff.data.sources` (plain loaders) stay Lightning-free.
+Only the datamodules import Lightning, and they are imported lazily: `fkdiff.data.order` (the batch order),
+`fkdiff.data.shapes` (procedural images and the position detector used by composition metrics) and
+`fkdiff.data.sources` (plain loaders) stay Lightning-free. Nothing here imports `teachers`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DATAMODULES", "build_datamodule"]
+from fkdiff.data.order import StepBatches
+
+__all__ = ["DATAMODULES", "build_datamodule", "StepBatches"]
 
 
 def build_datamodule(name: str, **kwargs: Any):

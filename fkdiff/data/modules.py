@@ -7,40 +7,43 @@ Contract shared by every datamodule:
   training values about zero, pooled over coordinates -- the scale of the zero-mean Gaussian that EDM's
   preconditioning assumes; exact from the teacher for toy2d);
 - data are built in memory, deterministically from `seed`, identically on every rank;
-- the train order is a pure function of (seed, epoch): `SeededShuffleSampler` draws a permutation from a generator
-  seeded by (seed, epoch) and follows Lightning's `set_epoch` calls; under DDP Lightning wraps it in a
-  `DistributedSamplerWrapper`, which shards that same order across ranks. Batches are gathered with one tensor
-  index per batch (`Dataset.__getitems__`), not per example.
+- the train loader is endless and its batch of step k is a pure function of (seed, k) (`fkdiff.data.StepBatches`,
+  the one data order of every training run): attached to a Trainer it starts at the trainer's global step (a resumed
+  run continues the sequence) and gives rank r of w rows r, r + w, ... of the global batch of `batch_size` rows (so
+  1 and w processes see the same global batches). Batches are gathered with one tensor index per batch
+  (`Dataset.__getitems__`), not per example. Validation batches come in dataset order.
+- toy2d samples a distribution object (anything with `dim` and `sample(n, generator)`); preset *names* are resolved
+  by the caller (the config wiring, `fkdiff.training.build_datamodule_from_config`), not here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from fkdiff.data.order import StepBatches
 from fkdiff.data.shapes import ShapesSample, generate_shapes
 from fkdiff.data.sources import load_cifar10, load_digits, resolve_cifar10_dir, uint8_to_unit
 
 __all__ = [
     "ArrayDataset",
-    "SeededShuffleSampler",
     "Toy2DDataModule",
     "ShapesDataModule",
     "DigitsDataModule",
     "CIFAR10DataModule",
+    "MoonsDataModule",
     "DATAMODULES",
     "build_datamodule",
 ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# datasets, sampler, collate
+# datasets, collate
 
 
 class ArrayDataset(Dataset):
@@ -73,32 +76,6 @@ def collate_batch(batch):
     return batch if isinstance(batch, dict) else default_collate(batch)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit generator seed that is a pure function of (seed, epoch)."""
-    return int.from_bytes(hashlib.sha256(f"fkdiff:{int(seed)}:{int(epoch)}".encode()).digest()[:8], "little") >> 1
-
-
-class SeededShuffleSampler(Sampler[int]):
-    """A random permutation of range(n) per epoch, drawn from `torch.Generator().manual_seed(epoch_seed(seed, epoch))`.
-
-    `set_epoch` (called by Lightning at every epoch start, forwarded by its DistributedSamplerWrapper) selects the
-    epoch, so the order does not depend on how many epochs were iterated before (resuming gives the same order).
-    """
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = int(n), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
 def _split(n: int, val_fraction: float, seed: int | None) -> tuple[Tensor, Tensor]:
     """Deterministic train/val index split; a seeded permutation when seed is given, else the first/last rows."""
     n_val = max(1, int(round(val_fraction * n)))
@@ -118,7 +95,7 @@ def _pooled_rms(x: Tensor) -> float:
 
 
 class _InMemoryDataModule(LightningDataModule):
-    """Shared plumbing: argument checks, lazy deterministic build, seeded train order, dict batches."""
+    """Shared plumbing: argument checks, lazy deterministic build, the step-indexed train order, dict batches."""
 
     name: str = ""
     event_shape: tuple[int, ...]
@@ -127,7 +104,7 @@ class _InMemoryDataModule(LightningDataModule):
     cond_dim: int | None = None
 
     def __init__(self, batch_size: int = 256, num_workers: int = 0, seed: int = 0,
-                 val_batch_size: int | None = None, drop_last: bool = False):
+                 val_batch_size: int | None = None):
         super().__init__()
         for key, val, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
@@ -138,7 +115,6 @@ class _InMemoryDataModule(LightningDataModule):
             raise ValueError(f"{self.name}: seed must be a non-negative int, got {seed!r}")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_batch_size = val_batch_size or batch_size
-        self.drop_last = bool(drop_last)
         self.train_set: ArrayDataset | None = None
         self.val_set: ArrayDataset | None = None
         self._sigma_data: float | None = None
@@ -163,28 +139,26 @@ class _InMemoryDataModule(LightningDataModule):
         self.setup()
         return self._sigma_data
 
-    def _loader(self, dataset: ArrayDataset, batch_size: int, sampler, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False if sampler is None else None,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_batch,
-            # the loader draws a base seed per iteration: give it its own generator, never the global RNG
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
     def train_dataloader(self) -> DataLoader:
+        """Endless global batches of `batch_size` rows, batch k a pure function of (seed, k) (`StepBatches`); attached
+        to a Trainer, from its global step on and this rank's rows only."""
         self.setup("fit")
-        sampler = SeededShuffleSampler(len(self.train_set), self.seed)
-        return self._loader(self.train_set, self.batch_size, sampler, self.drop_last)
+        trainer = self.trainer
+        batches = StepBatches(self.train_set, self.batch_size, self.seed, collate_batch,
+                              start_step_fn=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+                              rank=trainer.global_rank if trainer is not None else 0,
+                              world_size=trainer.world_size if trainer is not None else 1)
+        return DataLoader(batches, batch_size=None, num_workers=self.num_workers, generator=self._loader_generator())
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return self._loader(self.val_set, self.val_batch_size, None, False)
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, collate_fn=collate_batch,
+                          generator=self._loader_generator())
+
+    def _loader_generator(self) -> torch.Generator:
+        # a DataLoader draws a base seed for its workers per iteration: from its own generator, never the global RNG
+        return torch.Generator().manual_seed(self.seed)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(event_shape={self.event_shape}, cond_kind={self.cond_kind!r}, "
@@ -196,27 +170,21 @@ class _InMemoryDataModule(LightningDataModule):
 
 
 class Toy2DDataModule(_InMemoryDataModule):
-    """Exact samples from an analytic teacher (a preset name from `teachers.presets`, or any object with `dim` and
-    `sample(n, generator)`), drawn once from `seed`: `num_samples` in all, the last `val_fraction` for validation.
-    The teacher stays available as `.teacher` (exact denoiser, score, energy). Unconditional."""
+    """Exact samples from an analytic distribution `preset` (an object with `dim` and `sample(n, generator)`, e.g.
+    `teachers.make_preset("ring8")`), drawn once from `seed`: `num_samples` in all, the last `val_fraction` for
+    validation. The distribution stays available as `.teacher` (exact denoiser, score, energy). Unconditional."""
 
     name = "toy2d"
 
-    def __init__(self, preset: Any = "ring8", preset_kwargs: dict | None = None, num_samples: int = 65536,
-                 val_fraction: float = 0.1, batch_size: int = 512, num_workers: int = 0, seed: int = 0,
-                 val_batch_size: int | None = None, drop_last: bool = False):
-        super().__init__(batch_size, num_workers, seed, val_batch_size, drop_last)
-        if isinstance(preset, str):
-            from teachers.presets import make_preset
-
-            self.teacher = make_preset(preset, **dict(preset_kwargs or {}))
-        elif hasattr(preset, "sample") and hasattr(preset, "dim"):
-            if preset_kwargs:
-                raise ValueError("toy2d: preset_kwargs only apply to a preset given by name")
-            self.teacher = preset
-        else:
-            raise TypeError(f"toy2d: preset must be a preset name or a teacher with .dim and .sample(n, generator), "
-                            f"got {type(preset).__name__}")
+    def __init__(self, preset: Any, num_samples: int = 65536, val_fraction: float = 0.1, batch_size: int = 512,
+                 num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None):
+        super().__init__(batch_size, num_workers, seed, val_batch_size)
+        if not (hasattr(preset, "sample") and hasattr(preset, "dim")):
+            hint = (" (a name: build it first, e.g. teachers.make_preset(name); the config's data.preset is resolved "
+                    "that way)" if isinstance(preset, str) else "")
+            raise TypeError(f"toy2d: preset must be a distribution with .dim and .sample(n, generator), "
+                            f"got {type(preset).__name__}{hint}")
+        self.teacher = preset
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
             raise ValueError(f"toy2d: num_samples must be an int >= 2, got {num_samples!r}")
         self.num_samples = num_samples
@@ -250,9 +218,8 @@ class ShapesDataModule(_InMemoryDataModule):
 
     def __init__(self, canvas: int = 16, num_samples: int = 8192, min_objects: int = 1, max_objects: int = 5,
                  radius: int | None = None, min_separation: int | None = None, val_fraction: float = 0.1,
-                 batch_size: int = 128, num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None,
-                 drop_last: bool = False):
-        super().__init__(batch_size, num_workers, seed, val_batch_size, drop_last)
+                 batch_size: int = 128, num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None):
+        super().__init__(batch_size, num_workers, seed, val_batch_size)
         if isinstance(canvas, bool) or not isinstance(canvas, int) or canvas < 8 or canvas & (canvas - 1):
             raise ValueError(f"shapes: canvas must be a power of two >= 8 (16 or 32 typical), got {canvas!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
@@ -301,8 +268,8 @@ class DigitsDataModule(_InMemoryDataModule):
     num_classes = 10
 
     def __init__(self, size: int = 16, val_fraction: float = 0.1, batch_size: int = 128, num_workers: int = 0,
-                 seed: int = 0, val_batch_size: int | None = None, drop_last: bool = False):
-        super().__init__(batch_size, num_workers, seed, val_batch_size, drop_last)
+                 seed: int = 0, val_batch_size: int | None = None):
+        super().__init__(batch_size, num_workers, seed, val_batch_size)
         if isinstance(size, bool) or not isinstance(size, int) or size < 4 or size & (size - 1):
             raise ValueError(f"digits: size must be a power of two >= 4 (8 keeps the native 8x8), got {size!r}")
         self.size = size
@@ -331,8 +298,8 @@ class CIFAR10DataModule(_InMemoryDataModule):
     event_shape = (3, 32, 32)
 
     def __init__(self, root: str | None = None, batch_size: int = 128, num_workers: int = 0, seed: int = 0,
-                 val_batch_size: int | None = None, drop_last: bool = False):
-        super().__init__(batch_size, num_workers, seed, val_batch_size, drop_last)
+                 val_batch_size: int | None = None):
+        super().__init__(batch_size, num_workers, seed, val_batch_size)
         if root is None or str(root) == "":
             raise ValueError("cifar10: root is required: the folder holding cifar-10-batches-py/ (or its files)")
         self.root = str(root)
@@ -354,6 +321,39 @@ class CIFAR10DataModule(_InMemoryDataModule):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# moons
+
+
+class MoonsDataModule(_InMemoryDataModule):
+    """scikit-learn's two interleaving half circles (`sklearn.datasets.make_moons`, offline), centred at the origin:
+    `num_samples` points drawn once from `seed` with Gaussian noise of std `noise`, the last `val_fraction` for
+    validation. A 2D dataset with no closed-form density: the trained-teacher path (`python -m teachers.train
+    data=moons`, then `fkdiff.distill teacher=checkpoint`) in minutes on a CPU. Unconditional."""
+
+    name = "moons"
+    event_shape = (2,)
+
+    def __init__(self, num_samples: int = 65536, noise: float = 0.05, val_fraction: float = 0.1,
+                 batch_size: int = 256, num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None):
+        super().__init__(batch_size, num_workers, seed, val_batch_size)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+            raise ValueError(f"moons: num_samples must be an int >= 2, got {num_samples!r}")
+        if not (isinstance(noise, (int, float)) and noise >= 0):
+            raise ValueError(f"moons: noise must be a float >= 0, got {noise!r}")
+        self.num_samples, self.noise = num_samples, float(noise)
+        self.val_fraction = self._check_fraction(val_fraction, self.name)
+
+    def _build(self) -> None:
+        from sklearn.datasets import make_moons
+
+        x, _ = make_moons(self.num_samples, noise=self.noise, random_state=self.seed)
+        x = torch.as_tensor(x, dtype=torch.float32) - torch.tensor([0.5, 0.25])  # the half circles' joint centre
+        tr, va = _split(self.num_samples, self.val_fraction, None)  # iid draws (make_moons shuffles): first / last
+        self.train_set, self.val_set = ArrayDataset(x[tr]), ArrayDataset(x[va])
+        self._sigma_data = _pooled_rms(x[tr])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # registry
 
 
@@ -362,6 +362,7 @@ DATAMODULES: dict[str, type[_InMemoryDataModule]] = {
     "shapes": ShapesDataModule,
     "digits": DigitsDataModule,
     "cifar10": CIFAR10DataModule,
+    "moons": MoonsDataModule,
 }
 
 

@@ -3,6 +3,11 @@ pickle batches (Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html).
 
 Images come back as `[N, C, H, W]` tensors: digits as float32 in [-1, 1] (value v in 0..16 maps to v / 8 - 1), CIFAR-10
 as uint8 (convert with `uint8_to_unit`, x / 127.5 - 1, to save memory until batching).
+
+CIFAR-10's batches are pickles, and a plain `pickle.load` runs whatever code a planted file names. They are read with
+`safe_unpickle`, which admits only what the official batches contain (dicts, lists, bytes/str, numbers and numpy
+array reconstruction with its dtypes); any other global is refused with an error naming the file, before anything
+of it runs.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["load_digits", "load_cifar10", "resolve_cifar10_dir", "uint8_to_unit", "CIFAR10_URL", "CIFAR10_FILES"]
+__all__ = ["load_digits", "load_cifar10", "resolve_cifar10_dir", "uint8_to_unit", "safe_unpickle", "UnsafePickleError",
+           "CIFAR10_URL", "CIFAR10_FILES"]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -70,9 +76,66 @@ def resolve_cifar10_dir(root: str | os.PathLike) -> Path:
     return folder
 
 
-def _read_batch(path: Path) -> tuple[Tensor, Tensor]:
+class UnsafePickleError(pickle.UnpicklingError):
+    """A data pickle names a global outside the allow-list (it could run code): nothing of it was executed."""
+
+
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct, scalar
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+        from numpy.core.numeric import _frombuffer
+    import codecs
+
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+    for mod in ("numpy.core", "numpy._core"):  # python-2 era files name numpy.core, numpy 2 writes numpy._core
+        allowed[(f"{mod}.multiarray", "_reconstruct")] = _reconstruct
+        allowed[(f"{mod}.multiarray", "scalar")] = scalar
+        allowed[(f"{mod}.numeric", "_frombuffer")] = _frombuffer
+    return allowed
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Resolves only the globals numpy arrays need (array/dtype/scalar reconstruction); refuses every other one."""
+
+    def __init__(self, file, path: Path, **kwargs):
+        super().__init__(file, **kwargs)
+        self._path = path
+        self._allowed = _numpy_globals()
+
+    def find_class(self, module: str, name: str):
+        obj = self._allowed.get((module, name))
+        if obj is None:
+            raise UnsafePickleError(
+                f"{self._path}: refusing to load {module}.{name} from this pickle: data files may only hold dicts, "
+                "lists, bytes/str, numbers and numpy arrays (a pickle naming anything else could execute code); "
+                "re-download the file from its official source")
+        return obj
+
+
+def safe_unpickle(path: str | os.PathLike, encoding: str = "bytes"):
+    """Load a data pickle (e.g. a CIFAR-10 batch) admitting only plain containers and numpy arrays; errors name `path`.
+
+    Raises `UnsafePickleError` for any other global (nothing is executed), ValueError for a truncated or corrupt file.
+    """
+    path = Path(path)
     with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+        try:
+            return _AllowListUnpickler(f, path, encoding=encoding).load()
+        except UnsafePickleError:
+            raise
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError,
+                AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is truncated or not a valid data pickle ({type(e).__name__}: {e}); "
+                             "re-download it") from e
+
+
+def _read_batch(path: Path) -> tuple[Tensor, Tensor]:
+    d = safe_unpickle(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (a dict), got a {type(d).__name__}")
     try:
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
@@ -89,7 +152,8 @@ def load_cifar10(root: str | os.PathLike, train: bool = True) -> tuple[Tensor, T
     folder = resolve_cifar10_dir(root)
     files = CIFAR10_TRAIN_FILES if train else ("test_batch",)
     parts = [_read_batch(folder / f) for f in files]
-    with open(folder / "batches.meta", "rb") as f:
-        meta = pickle.load(f, encoding="bytes")
+    meta = safe_unpickle(folder / "batches.meta")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{folder / 'batches.meta'} is not CIFAR-10's batches.meta (a dict)")
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(b"label_names", [])]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), names

@@ -31,7 +31,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,8 +40,8 @@ from fkdiff.smc.fk import FeynmanKac, Particles
 from fkdiff.smc.resampling import get_resampler
 from fkdiff.smc.weights import Weights
 
-__all__ = ["SMCError", "SMCDegeneracyWarning", "SMCState", "StepInfo", "SMCResult", "Population", "smc_step",
-           "run_smc"]
+__all__ = ["SMCError", "SMCDegeneracyWarning", "SMCState", "StepInfo", "SMCResult", "Population", "Collector",
+           "COLLECTORS", "smc_step", "run_smc"]
 
 
 class SMCError(RuntimeError):
@@ -64,17 +64,68 @@ class SMCState(NamedTuple):
 
 
 class StepInfo(NamedTuple):
-    """Diagnostics of one level."""
+    """What one level did: the material the per-level `COLLECTORS` read. Every field is global (identical on all
+    processes of a sharded population)."""
 
-    ess: float  # after weighting, before resampling
-    resampled: bool
-    unique_ancestors: int  # distinct ancestors if resampled, else the number of alive particles
-    num_invalid: int  # particles whose incremental weight was NaN/+inf (dropped)
-    num_alive: int
-    log_Z_increment: float
-    acceptance: float  # mean MCMC acceptance probability over particles (NaN without MCMC)
-    step_size: float
-    num_evals: float  # evaluations per particle at this level (propagation + MCMC)
+    t: int
+    weights: Weights  # the whole population's weights after weighting, before resampling
+    ancestors: Tensor | None  # [N] global ancestor indices if this level resampled, else None
+    log_Z_increment: float  # log sum_n W_{t-1}^n G_t^n
+    acceptance: float  # mean MCMC acceptance probability over the alive particles (NaN without MCMC)
+    step_size: float  # MCMC step size (NaN without MCMC)
+    num_evals: float  # target/proposal evaluations per particle at this level (propagation + MCMC)
+
+    @property
+    def resampled(self) -> bool:
+        return self.ancestors is not None
+
+
+def _sum(v: Tensor) -> Tensor:
+    return v.sum(0)
+
+
+def _mean(v: Tensor) -> Tensor:
+    return v.mean(0)
+
+
+def _any(v: Tensor) -> Tensor:
+    return v.sum(0) > 0
+
+
+def _combined_increments(v: Tensor) -> Tensor:
+    """Island runs: increments of the combined estimate log Z_t = logmeanexp_r log Z_{r,t}, from `[R, T]` increments."""
+    cum = torch.logsumexp(torch.cumsum(v, 1), 0) - math.log(v.shape[0])
+    return torch.diff(cum, prepend=cum.new_zeros(1))
+
+
+@dataclass(frozen=True)
+class Collector:
+    """One per-level diagnostic (nchopin/particles' collectors): `fn(StepInfo)` is recorded at every level into
+    `result.levels[name]`, a `[T]` tensor of `dtype` (also readable as `result.<name>`). `islands` combines the
+    `[R, T]` values of R independent islands (fkdiff.smc.distributed, island=True) into `[T]`. `only`: "mcmc" (None
+    when no MCMC kernel ran) or "weighted" (None for a model without weights, e.g. the baselines)."""
+
+    name: str
+    fn: Callable[[StepInfo], float]
+    dtype: torch.dtype = torch.float64
+    islands: Callable[[Tensor], Tensor] = _sum
+    only: str | None = None
+
+
+# A new per-level diagnostic is one entry here: it then appears in every result, in island runs and in the CLI's
+# diagnostics.json.
+COLLECTORS: tuple[Collector, ...] = (
+    Collector("ess", lambda i: i.weights.ess),
+    Collector("resampled", lambda i: i.resampled, torch.bool, _any),
+    Collector("unique_ancestors", lambda i: int(torch.unique(i.ancestors).numel()) if i.resampled
+              else i.weights.num_alive, torch.int64),
+    Collector("num_invalid", lambda i: i.weights.num_invalid, torch.int64),
+    Collector("num_alive", lambda i: i.weights.num_alive, torch.int64),
+    Collector("log_Z_increments", lambda i: i.log_Z_increment, islands=_combined_increments, only="weighted"),
+    Collector("acceptance", lambda i: i.acceptance, islands=_mean, only="mcmc"),
+    Collector("step_size", lambda i: i.step_size, islands=_mean, only="mcmc"),
+    Collector("num_evals", lambda i: i.num_evals, islands=_mean),
+)
 
 
 class Population:
@@ -109,6 +160,10 @@ class Population:
         """Row `index` (global) of the population's `t` `[n, ...]`, available here."""
         return t[index]
 
+    def run(self, fk: FeynmanKac, num_particles: int, *, generator: torch.Generator | None, **engine) -> "SMCResult":
+        """Run the engine on `fk` with this population (what `fkdiff.smc.sample` calls); `engine`: run_smc's options."""
+        return run_smc(fk, num_particles, generator=generator, population=self, **engine)
+
 
 LOCAL = Population()
 
@@ -140,7 +195,8 @@ def smc_step(
     state         carried state (particles None at t = 0)
     resampler     resample(log_weights [N], num, generator) -> ancestors [num]
     ess_threshold resample when ESS < ess_threshold * N (>= 1: every level; 0: never)
-    mcmc          kernel(x, logdensity_fn, *, generator, state, logp, grad) -> (x, state, info), or None
+    mcmc          kernel(x, logdensity_fn, *, generator, state, logp, grad) -> (x, state, info), or None (run_smc
+                  passes an fkdiff.mcmc kernel already bound to the population: `kernel.for_population(population)`)
     population    where the particles live (default: all here); `num_particles` is the number held here
     resample_generator  draws the ancestors (default: generator); must be identical on all processes when sharded
     """
@@ -166,16 +222,13 @@ def smc_step(
         )
     log_Z = state.log_Z + w.log_norm - float(torch.logsumexp(prev_lw, 0))
     lw = pop.shard(w.lw)  # sanitised: NaN/+inf -> -inf, so nothing invalid is carried to the next level
-    particles, eve, num_res = cur, state.eve, state.num_resampled
+    particles, eve, num_res, anc = cur, state.eve, state.num_resampled, None
     resampled = ess_threshold >= 1.0 or w.ess < ess_threshold * n
     if resampled:
         anc = resampler(w.lw, n, generator if resample_generator is None else resample_generator)
         particles, eve = pop.select(cur, eve, anc)
         lw = torch.zeros_like(lw)
         num_res += 1
-        unique = int(torch.unique(anc).numel())
-    else:
-        unique = w.num_alive
     acc, step, evals = math.nan, math.nan, float(fk.num_evals(t)) if hasattr(fk, "num_evals") else 1.0
     mstate = state.mcmc_state
     if mcmc is not None:
@@ -192,31 +245,32 @@ def smc_step(
         step = _mcmc_step_size(mstate, info)
         evals += float(info.num_evals) + float(getattr(target, "extra_evals", 0.0))
     new_state = SMCState(particles, lw, log_Z, eve, num_res, mstate)
-    info_t = StepInfo(ess=w.ess, resampled=resampled, unique_ancestors=unique, num_invalid=w.num_invalid,
-                      num_alive=w.num_alive, log_Z_increment=log_Z - state.log_Z, acceptance=acc, step_size=step,
-                      num_evals=evals)
-    return new_state, info_t
+    return new_state, StepInfo(t=t, weights=w, ancestors=anc if resampled else None,
+                               log_Z_increment=log_Z - state.log_Z, acceptance=acc, step_size=step, num_evals=evals)
 
 
 @dataclass
 class SMCResult:
-    """Output of an SMC run.
+    """Output of a run of the engine: SMC, or an unweighted sampler run by the same loop (fkdiff.samplers).
 
     samples           `[N, *shape]` final particles (the returned points, e.g. denoised); zero-weight particles are
                       replaced by copies of the heaviest one (weight still zero), so no sample is NaN or infeasible
     log_weights       `[N]` float64 normalised log-weights (logsumexp = 0); -inf for dropped particles
-    log_Z             estimate of log Z (the final target's normaliser, relative to the energies as given)
-    log_Z_var         estimated Var(log Z_hat) (Lee & Whiteley genealogy estimator; see `num_eves`)
-    ess               `[T]` ESS after weighting at each level (before resampling)
-    resampled         `[T]` bool
-    unique_ancestors  `[T]` distinct ancestors at each resampling (alive particles where not resampled)
-    num_invalid       `[T]` particles dropped at each level for NaN/inf weights or energies
-    num_alive         `[T]` particles with positive weight after weighting
-    acceptance        `[T]` mean MCMC acceptance per level, or None without MCMC
-    step_size         `[T]` MCMC step size per level, or None
-    log_Z_increments  `[T]` log sum_n W_{t-1}^n G_t^n
+    log_Z             estimate of log Z (the final target's normaliser, relative to the energies as given), or None
+                      when the model has no weights (an unweighted sampler estimates no normaliser)
+    log_Z_var         estimated Var(log Z_hat) (Lee & Whiteley genealogy estimator; see `num_eves`), or None
+    levels            per-level diagnostics, name -> `[T]` tensor (or None where it does not apply), one entry per
+                      `COLLECTORS` item, also readable as attributes:
+        ess               ESS after weighting at each level (before resampling)
+        resampled         bool
+        unique_ancestors  distinct ancestors at each resampling (alive particles where not resampled)
+        num_invalid       particles dropped at each level for NaN/inf weights or energies
+        num_alive         particles with positive weight after weighting
+        log_Z_increments  log sum_n W_{t-1}^n G_t^n (None without weights)
+        acceptance        mean MCMC acceptance (None without MCMC)
+        step_size         MCMC step size (None without MCMC)
+        num_evals         target/proposal evaluations per particle (propagation + MCMC)
     sigmas            `[T]` noise levels (if the model has them)
-    nfe               target/proposal evaluations per particle (propagation + MCMC)
     wall_time         seconds
     num_eves          distinct level-0 ancestors among the final particles
     warnings          degeneracy messages (also issued as SMCDegeneracyWarning)
@@ -224,25 +278,28 @@ class SMCResult:
 
     samples: Tensor
     log_weights: Tensor
-    log_Z: float
-    log_Z_var: float
-    ess: Tensor
-    resampled: Tensor
-    unique_ancestors: Tensor
-    num_invalid: Tensor
-    num_alive: Tensor
-    acceptance: Tensor | None
-    step_size: Tensor | None
-    log_Z_increments: Tensor
+    log_Z: float | None
+    log_Z_var: float | None
+    levels: dict[str, Tensor | None]
     sigmas: Tensor | None
-    nfe: float
     wall_time: float
     num_eves: int
     warnings: list[str] = field(default_factory=list)
 
+    def __getattr__(self, name: str):
+        levels = self.__dict__.get("levels")
+        if levels is not None and name in levels:
+            return levels[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     @property
     def num_particles(self) -> int:
         return self.samples.shape[0]
+
+    @property
+    def nfe(self) -> float:
+        """Target/proposal evaluations per particle over the run (propagation + MCMC)."""
+        return float(self.levels["num_evals"].sum())
 
     @property
     def weights(self) -> Tensor:
@@ -266,11 +323,13 @@ class SMCResult:
         return int(self.num_invalid.sum())
 
     @property
-    def log_Z_se(self) -> float:
-        return math.sqrt(max(self.log_Z_var, 0.0))
+    def log_Z_se(self) -> float | None:
+        return None if self.log_Z_var is None else math.sqrt(max(self.log_Z_var, 0.0))
 
     def log_Z_ci(self, level: float = 0.95) -> tuple[float, float]:
         """Normal-approximation confidence interval for log Z."""
+        if self.log_Z is None:
+            raise ValueError("log Z was not estimated: this sampler's particles carry no weights")
         z = math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(level, dtype=torch.float64)))
         return self.log_Z - z * self.log_Z_se, self.log_Z + z * self.log_Z_se
 
@@ -287,14 +346,24 @@ class SMCResult:
         return (w[alive, None] * self.samples[alive].double().flatten(1)).sum(0).reshape(self.samples.shape[1:])
 
     def summary(self) -> dict:
-        """Scalar diagnostics as a plain dict."""
+        """Scalar diagnostics as a plain dict (`log_Z` / `log_Z_se` None: not estimated, see `log_Z_estimated`)."""
         return {
-            "log_Z": self.log_Z, "log_Z_se": self.log_Z_se, "min_ess": self.min_ess, "final_ess": self.final_ess,
+            "log_Z": self.log_Z, "log_Z_se": self.log_Z_se, "log_Z_estimated": self.log_Z is not None,
+            "min_ess": self.min_ess, "final_ess": self.final_ess,
             "min_unique_ancestors": self.min_unique_ancestors, "num_resampled": int(self.resampled.sum()),
             "num_eves": self.num_eves, "total_invalid": self.total_invalid, "nfe": self.nfe,
             "mean_acceptance": None if self.acceptance is None else float(self.acceptance.nanmean()),
             "wall_time": self.wall_time,
         }
+
+    def report(self) -> str:
+        """One line for people: log Z (or that it was not estimated), minimum ESS, evaluations, time."""
+        lz = ("log Z not estimated (the particles carry no importance weights)" if self.log_Z is None
+              else f"log Z = {self.log_Z:.4f} +- {self.log_Z_se:.4f}")
+        return (f"{lz}, min ESS = {self.min_ess:.1f}/{self.num_particles}, nfe = {self.nfe:.0f}, "
+                f"{self.wall_time:.1f} s")
+
+    __str__ = report
 
 
 def _degeneracy_messages(ess: Tensor, unique: Tensor, resampled: Tensor, num_eves: int, n: int,
@@ -345,6 +414,8 @@ def run_smc(
     if mcmc is not None and not callable(getattr(fk, "mcmc_target", None)):
         raise TypeError(f"{type(fk).__name__} has no mcmc_target(t, particles): it does not support MCMC rejuvenation")
     resampler = get_resampler(resample)
+    if mcmc is not None and callable(getattr(mcmc, "for_population", None)):
+        mcmc = mcmc.for_population(pop)  # step size chosen and adapted over the whole population (fkdiff.mcmc)
     t0 = time.perf_counter()
     device = getattr(fk, "device", None)
     n_here, first = pop.local_size(n), pop.offset(n)
@@ -361,12 +432,18 @@ def run_smc(
         from tqdm.auto import tqdm
 
         levels = tqdm(levels, desc="SMC", leave=False)
-    infos: list[StepInfo] = []
+    with_mcmc = mcmc is not None
+    weighted = bool(getattr(fk, "weighted", True))
+    recorded = [c for c in COLLECTORS if (c.only != "mcmc" or with_mcmc) and (c.only != "weighted" or weighted)]
+    values: dict[str, list] = {c.name: [] for c in recorded}
     for t in levels:
         state, info = smc_step(fk, t, state, num_particles=n_here, generator=generator, resampler=resampler,
                                ess_threshold=ess_threshold, mcmc=mcmc, population=pop,
                                resample_generator=resample_generator)
-        infos.append(info)
+        for c in recorded:
+            values[c.name].append(c.fn(info))
+    per_level: dict[str, Tensor | None] = {c.name: None for c in COLLECTORS}
+    per_level.update({c.name: torch.tensor(values[c.name], dtype=c.dtype) for c in recorded})
     final = Weights(pop.gather(state.log_w))
     samples = fk.finalize(state.particles) if hasattr(fk, "finalize") else state.particles.x
     if bool((final.lw == -math.inf).any()):
@@ -380,28 +457,17 @@ def run_smc(
     s = torch.zeros(n, dtype=torch.float64).index_add_(0, eve.to(torch.long).cpu(), final.W.cpu())
     num_eves = int((s > 0).sum())
     rel_var = 1.0 - (n / (n - 1)) ** (state.num_resampled + 1) * (1.0 - float((s**2).sum()))
-    ess = torch.tensor([i.ess for i in infos], dtype=torch.float64)
-    resampled = torch.tensor([i.resampled for i in infos])
-    unique = torch.tensor([i.unique_ancestors for i in infos])
-    msgs = _degeneracy_messages(ess, unique, resampled, num_eves, n, collapse_fraction)
+    msgs = _degeneracy_messages(per_level["ess"], per_level["unique_ancestors"], per_level["resampled"], num_eves, n,
+                                collapse_fraction)
     for m in msgs:
         warnings.warn(m, SMCDegeneracyWarning, stacklevel=2)
-    with_mcmc = mcmc is not None
     return SMCResult(
         samples=samples.detach(),
         log_weights=pop.shard(final.log_W),
-        log_Z=state.log_Z,
-        log_Z_var=max(rel_var, 0.0),
-        ess=ess,
-        resampled=resampled,
-        unique_ancestors=unique,
-        num_invalid=torch.tensor([i.num_invalid for i in infos]),
-        num_alive=torch.tensor([i.num_alive for i in infos]),
-        acceptance=torch.tensor([i.acceptance for i in infos], dtype=torch.float64) if with_mcmc else None,
-        step_size=torch.tensor([i.step_size for i in infos], dtype=torch.float64) if with_mcmc else None,
-        log_Z_increments=torch.tensor([i.log_Z_increment for i in infos], dtype=torch.float64),
+        log_Z=state.log_Z if weighted else None,
+        log_Z_var=max(rel_var, 0.0) if weighted else None,
+        levels=per_level,
         sigmas=getattr(fk, "sigmas", None),
-        nfe=float(sum(i.num_evals for i in infos)),
         wall_time=time.perf_counter() - t0,
         num_eves=num_eves,
         warnings=msgs,

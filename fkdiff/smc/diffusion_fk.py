@@ -1,8 +1,9 @@
 """The diffusion Feynman–Kac model (DESIGN.md section 5; Thornton et al. 2025; Del Moral, Doucet & Jasra 2006).
 
-Levels sigma_0 > sigma_1 > ... > sigma_{T-1} (index t = SMC step, sigmas[t] its noise level, sigma_0 = sigma_max),
-Delta_t = sigma_{t-1}^2 - sigma_t^2. Built from a target (energy E, optional score), a proposal score field u
-(default: the target's own score) and potentials w_j:
+Levels sigma_0 > sigma_1 > ... > sigma_{T-1} (index t = SMC level, the engine's order: level 0 is sigma_max, the
+last level sigma_min; `sigmas[t]` its noise level), Delta_t = sigma_{t-1}^2 - sigma_t^2. `noise_levels` makes or
+checks that schedule (the EDM rho-schedule by default). Built from a target (energy E, optional score), a proposal
+score field u (default: the target's own score) and potentials w_j:
 
     gamma_t(x) = exp(-E(x, sigma_t)) prod_j w_{j,t}(x)
     M_0 = N(0, s0^2 I)   (s0 = init_std, default sigma_max)
@@ -19,6 +20,11 @@ mode="twisted" (telescoping potentials on the proposal's own path law):
     log G_0 = sum_j log w_{j,0}(x_0),   log G_t = sum_j log w_{j,t}(x_t) - log w_{j,t-1}(x_{t-1})
 so the final law is the proposal's terminal law tilted by prod_j w_{j,T-1}; Z_hat estimates E[prod_j w_{j,T-1}].
 
+mode="none" (no weights: log G_t = 0, the particles follow the proposal's path law; `weighted = False`, so the
+engine reports no log Z): naive reverse diffusion with the target's score, and with MCMC at every level annealed
+MCMC (fkdiff.samplers). The target may then be any score field (a denoiser, a score-only object); MCMC needs its
+energy. Without final_denoise the last level is not evaluated (no score is needed there) unless MCMC asks for it.
+
 The returned samples are x_out = D(x, sigma_{T-1}) = x + sigma_{T-1}^2 score_target(x) with `final_denoise=True`
 (Tweedie, the target's denoiser), else x. Potentials at the last level see x_out (`Level.x_out`), so a hard
 constraint such as `Box` is enforced on the returned points (no violations).
@@ -29,25 +35,48 @@ is exp(-E(x, sigma_t)), i.e. proposal = target with an accurate score; otherwise
 Every particle with a NaN energy, NaN/+inf log-potential, -inf energy, a non-finite score or proposal move gets a
 NaN incremental log-weight, which the engine turns into weight zero and counts. Positions stay finite: a move that
 produced a non-finite position keeps the parent position (with weight zero). All randomness for a level is drawn
-for the whole population at once; evaluations are chunked by `max_batch`, which therefore never changes results.
+for the whole population at once, by `randn(shape, generator=, dtype=, device=)` (default `torch.randn`; the noise
+seam, as EDM's `randn_like`: e.g. noise drawn for the whole population and sliced to a shard); evaluations are
+chunked by `max_batch`, which therefore never changes results.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from fkdiff.diffusion import checked_sigma, sigma_schedule
 from fkdiff.smc.fk import Particles
 from fkdiff.smc.potentials import Level, Potential, as_potential
 from fkdiff.targets import energy_and_score, has_energy
 from fkdiff.targets import score as score_of
 
-__all__ = ["DiffusionFK"]
+__all__ = ["DiffusionFK", "noise_levels", "MODES"]
+
+MODES = ("sampler", "twisted", "none")
 
 _LOG2PI = math.log(2 * math.pi)
+
+
+def noise_levels(num_levels: int | None = None, sigma_max: float | None = None, sigma_min: float | None = None, *,
+                 rho: float = 7.0, sigmas: Tensor | None = None) -> Tensor:
+    """`[T]` float64 strictly decreasing positive noise levels (CPU): the EDM rho-schedule from sigma_max to sigma_min
+    with `num_levels` levels, or the given `sigmas` checked (and their count checked against `num_levels` if given)."""
+    if sigmas is None:
+        if num_levels is None or sigma_max is None or sigma_min is None:
+            raise ValueError("give num_levels, sigma_max and sigma_min, or the noise levels `sigmas`")
+        return sigma_schedule(int(num_levels), float(sigma_min), float(sigma_max), rho=rho, dtype=torch.float64)
+    sig = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
+    if num_levels is not None and sig.numel() != int(num_levels):
+        raise ValueError(f"sigmas has {sig.numel()} levels but num_levels={num_levels}")
+    if sig.numel() < 1 or not torch.isfinite(sig).all() or (sig <= 0).any():
+        raise ValueError("sigmas must be a non-empty 1-D tensor of positive finite noise levels")
+    if sig.numel() > 1 and not (sig[1:] < sig[:-1]).all():
+        raise ValueError("sigmas must be strictly decreasing (sigma_max first)")
+    return sig
 
 
 def _rowfinite(t: Tensor) -> Tensor:
@@ -70,7 +99,10 @@ class DiffusionFK:
     shape       event shape, particles are `[N, *shape]`
     proposal    score field driving M_t (a target, or a denoiser D(x, sigma)); None = the target's score
     potentials  sequence of `Potential` or callables fn(x, sigma) -> [N] (log w)
-    mode        "sampler" or "twisted"
+    mode        "sampler", "twisted" or "none" (no weights)
+    randn       the noise source randn(shape, generator=, dtype=, device=) (default torch.randn)
+
+    `DiffusionFK.on_levels(target, num_levels=, sigma_max=, sigma_min=, ...)` builds it on the EDM rho-schedule.
     """
 
     def __init__(
@@ -89,21 +121,23 @@ class DiffusionFK:
         dtype: torch.dtype = torch.float64,
         eval_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        randn: Callable[..., Tensor] | None = None,
     ):
-        if not has_energy(target):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        self.has_energy = has_energy(target)
+        if mode != "none" and not self.has_energy:
             raise TypeError(f"{type(target).__name__} has no energy(x, sigma) method; SMC weights need energies")
-        if mode not in ("sampler", "twisted"):
-            raise ValueError(f"mode must be 'sampler' or 'twisted', got {mode!r}")
+        if mode == "none" and potentials:
+            raise ValueError("mode='none' has no weights, so potentials would do nothing; use mode='sampler'")
         if proposal_variance not in ("ancestral", "euler"):
             raise ValueError(f"proposal_variance must be 'ancestral' or 'euler', got {proposal_variance!r}")
-        sig = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
-        if sig.numel() < 1 or not torch.isfinite(sig).all() or (sig <= 0).any():
-            raise ValueError("sigmas must be a non-empty 1-D tensor of positive finite noise levels")
-        if sig.numel() > 1 and not (sig[1:] < sig[:-1]).all():
-            raise ValueError("sigmas must be strictly decreasing (sigma_max first)")
+        sig = noise_levels(sigmas=sigmas)
         if max_batch is not None and int(max_batch) < 1:
             raise ValueError(f"max_batch must be a positive integer or None, got {max_batch}")
         self.target, self.proposal = target, proposal
+        self.weighted = mode != "none"
+        self.randn = torch.randn if randn is None else randn
         self.potentials: list[Potential] = [as_potential(p) for p in potentials]
         self.sigmas = sig
         self.T = sig.numel()
@@ -118,19 +152,36 @@ class DiffusionFK:
         self.eval_dtype = eval_dtype if eval_dtype is not None else dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
 
+    @classmethod
+    def on_levels(cls, target: Any, *, num_levels: int | None = None, sigma_max: float | None = None,
+                  sigma_min: float | None = None, rho: float = 7.0, sigmas: Tensor | None = None,
+                  **kwargs) -> "DiffusionFK":
+        """The model on `noise_levels(num_levels, sigma_max, sigma_min, rho=rho, sigmas=sigmas)`."""
+        return cls(target, noise_levels(num_levels, sigma_max, sigma_min, rho=rho, sigmas=sigmas), **kwargs)
+
     # -- evaluation counts (per particle) ------------------------------------------------------------
+    def _evaluates(self, t: int) -> bool:
+        """Whether M0 / M_t evaluate the target at level t (always, except the last level of mode "none" without
+        final_denoise, where nothing needs the score)."""
+        return self.weighted or self.final_denoise or t < self.T - 1
+
     def num_evals(self, t: int) -> int:
         """Target/proposal evaluations per particle made by M0 / M_t at level t."""
-        return 1 + int(self.proposal is not None and t < self.T - 1)
+        return int(self._evaluates(t)) + int(self.proposal is not None and t < self.T - 1)
 
     # -- level-t evaluation ------------------------------------------------------------------------------
     def _sigma(self, t: int) -> float:
         return float(self.sigmas[t])
 
+    def _sigma_batch(self, t: int, x: Tensor) -> Tensor:
+        """sigma_t as the `[N]` tensor the models get, in x's dtype; the levels were validated once (noise_levels),
+        so it is marked as checked and no model validates it again (no host sync per evaluation on a GPU)."""
+        return checked_sigma(torch.full((x.shape[0],), self._sigma(t), dtype=x.dtype, device=x.device))
+
     def _delta_var(self, t: int) -> tuple[float, float]:
-        sp, s = self._sigma(t - 1), self._sigma(t)
-        delta = sp * sp - s * s
-        v = delta * (s * s) / (sp * sp) if self.proposal_variance == "ancestral" else delta
+        s_prev, s_t = self._sigma(t - 1), self._sigma(t)
+        delta = s_prev * s_prev - s_t * s_t
+        v = delta * (s_t * s_t) / (s_prev * s_prev) if self.proposal_variance == "ancestral" else delta
         return delta, v
 
     def _potentials(self, x: Tensor, level: Level, with_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -154,34 +205,39 @@ class DiffusionFK:
     def evaluate(self, t: int, x: Tensor, *, with_grad: bool = False, with_proposal: bool = True) -> dict:
         """Everything the model caches about positions x `[N, *event]` at level t (float64 scalars per particle).
 
-        Keys: energy, s (target score), logpot, log_gamma (NaN where invalid), bad (bool), x_out (last level only),
+        Keys: energy, score (the target's), logpot, log_gamma (NaN where invalid), bad (bool), x_out (last level only),
         u (proposal score, if t < T-1 and with_proposal), grad (grad log gamma, if with_grad).
         """
         sigma = self._sigma(t)
         final = t == self.T - 1
         xe = x.to(self.eval_dtype)
-        e, s = energy_and_score(self.target, xe, sigma, max_batch=self.max_batch)
-        e, s = e.double(), s.to(x.dtype)
-        s_ok = _rowfinite(s)
-        s = torch.where(_bc(s_ok, s), s, torch.zeros_like(s))
+        sig = self._sigma_batch(t, xe)
+        if self.has_energy:
+            e, score = energy_and_score(self.target, xe, sig, max_batch=self.max_batch)
+        else:  # mode "none" on a score field: no energy (its log gamma is unknown and unused)
+            score = score_of(self.target, xe, sig, max_batch=self.max_batch)
+            e = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        e, score = e.double(), score.to(x.dtype)
+        s_ok = _rowfinite(score)
+        score = torch.where(_bc(s_ok, score), score, torch.zeros_like(score))
         x_out = None
         if final:
-            x_out = x + (sigma * sigma) * s if self.final_denoise else x
-        level = Level(index=t, num_levels=self.T, sigma=sigma, final=final, energy=e, score=s, x_out=x_out)
+            x_out = x + (sigma * sigma) * score if self.final_denoise else x
+        level = Level(index=t, num_levels=self.T, sigma=sigma, final=final, energy=e, score=score, x_out=x_out)
         logpot, pot_grad = self._potentials(x, level, with_grad)
         bad = torch.isnan(e) | (e == -math.inf) | torch.isnan(logpot) | (logpot == math.inf)
         alive = ~bad & (e < math.inf) & (logpot > -math.inf)
         bad = bad | (alive & ~s_ok)
-        out = {"energy": e, "s": s, "logpot": logpot, "x_out": x_out}
+        out = {"energy": e, "score": score, "logpot": logpot, "x_out": x_out}
         if final and x_out is not None:
             ok = _rowfinite(x_out)
             bad = bad | (alive & ~ok)
             out["x_out"] = torch.where(_bc(ok, x), x_out, x)
         if with_proposal and not final:
             if self.proposal is None:
-                u = s
+                u = score
             else:
-                u = score_of(self.proposal, xe, sigma, max_batch=self.max_batch).to(x.dtype)
+                u = score_of(self.proposal, xe, sig, max_batch=self.max_batch).to(x.dtype)
                 u_ok = _rowfinite(u)
                 bad = bad | (alive & ~u_ok)
                 u = torch.where(_bc(u_ok, u), u, torch.zeros_like(u))
@@ -190,32 +246,40 @@ class DiffusionFK:
         out["log_gamma"] = torch.where(bad, torch.full_like(log_gamma, math.nan), log_gamma)
         out["bad"] = bad
         if with_grad:
-            g = s + pot_grad
+            g = score + pot_grad
             out["grad"] = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         return out
 
     def _particles(self, x: Tensor, ev: dict, log_M: Tensor) -> Particles:
-        keys = ("energy", "s", "logpot", "log_gamma", "bad", "x_out", "u")
+        keys = ("energy", "score", "logpot", "log_gamma", "bad", "x_out", "u")
         return Particles(x, {**{k: ev.get(k) for k in keys}, "log_M": log_M})
+
+    def _arrive(self, t: int, x: Tensor) -> dict:
+        """The evaluation at level t of particles arriving at x (none where `_evaluates(t)` is False)."""
+        if self._evaluates(t):
+            return self.evaluate(t, x)
+        zero = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        return {"energy": None, "score": None, "logpot": zero, "log_gamma": zero, "x_out": x, "u": None,
+                "bad": torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)}
 
     # -- the FK symbols -------------------------------------------------------------------------------------
     def M0(self, num: int, generator: torch.Generator | None) -> Particles:
         """x_0 = init_std * eps, eps ~ N(0, I) `[num, *shape]`."""
-        eps = torch.randn((num, *self.shape), generator=generator, dtype=self.dtype, device=self.device)
+        eps = self.randn((num, *self.shape), generator=generator, dtype=self.dtype, device=self.device)
         x = self.init_std * eps
         log_M = -0.5 * _rowsum64(eps**2) - 0.5 * self.event_size * (_LOG2PI + 2 * math.log(self.init_std))
-        return self._particles(x, self.evaluate(0, x), log_M)
+        return self._particles(x, self._arrive(0, x), log_M)
 
     def M(self, t: int, prev: Particles, generator: torch.Generator | None) -> Particles:
         """x_t = x_{t-1} + Delta_t u(x_{t-1}, sigma_{t-1}) + sqrt(v_t) eps (whole population's eps drawn at once)."""
         delta, v = self._delta_var(t)
-        eps = torch.randn(prev.x.shape, generator=generator, dtype=self.dtype, device=self.device)
+        eps = self.randn(prev.x.shape, generator=generator, dtype=self.dtype, device=self.device)
         mean = prev.x + delta * prev["u"]
         x = mean + math.sqrt(v) * eps
         ok = _rowfinite(x)
         x = torch.where(_bc(ok, x), x, prev.x)
         log_M = -0.5 * _rowsum64(eps**2) - 0.5 * self.event_size * (_LOG2PI + math.log(v))
-        ev = self.evaluate(t, x)
+        ev = self._arrive(t, x)
         if not bool(ok.all()):
             ev["bad"] = ev["bad"] | ~ok
             ev["log_gamma"] = torch.where(ok, ev["log_gamma"], torch.full_like(ev["log_gamma"], math.nan))
@@ -224,7 +288,9 @@ class DiffusionFK:
     def logG(self, t: int, prev: Particles | None, cur: Particles) -> Tensor:
         """Incremental log-weight `[N]` float64 (NaN marks an invalid particle)."""
         nan = torch.full_like(cur["log_gamma"], math.nan)
-        if self.mode == "twisted":
+        if self.mode == "none":  # no weights; zero where the target's density is zero
+            lg = torch.where(cur["log_gamma"] == -math.inf, cur["log_gamma"], torch.zeros_like(cur["log_gamma"]))
+        elif self.mode == "twisted":
             lg = cur["logpot"] if t == 0 else cur["logpot"] - prev["logpot"]
         elif t == 0:
             lg = cur["log_gamma"] - cur["log_M"]
@@ -241,6 +307,8 @@ class DiffusionFK:
 
     # -- rejuvenation ------------------------------------------------------------------------------------
     def mcmc_target(self, t: int, particles: Particles) -> "_MCMCTarget":
+        if not self.has_energy:
+            raise TypeError(f"MCMC targets exp(-E(x, sigma)): {type(self.target).__name__} has no energy(x, sigma)")
         return _MCMCTarget(self, t, particles)
 
 
@@ -249,17 +317,21 @@ class _MCMCTarget:
     scores are taken from the evaluation that produced them (a Metropolis kernel returns, row by row, either the
     old position or one it evaluated): no extra target evaluation after the move."""
 
-    _FIELDS = ("energy", "s", "logpot", "log_gamma", "bad", "x_out")
+    _FIELDS = ("energy", "score", "logpot", "log_gamma", "bad", "x_out")
 
     def __init__(self, fk: DiffusionFK, t: int, particles: Particles):
-        self.fk, self.t, self.particles = fk, t, particles
         self.extra_evals = 0.0
+        if particles["score"] is None:  # a level the model did not evaluate (see DiffusionFK._evaluates): now
+            ev = fk.evaluate(t, particles.x, with_proposal=False)
+            particles = particles.replace(**{k: ev[k] for k in self._FIELDS})
+            self.extra_evals = 1.0
+        self.fk, self.t, self.particles = fk, t, particles
         level = Level(index=t, num_levels=fk.T, sigma=fk._sigma(t), final=t == fk.T - 1,
-                      energy=particles["energy"], score=particles["s"], x_out=particles.get("x_out"))
+                      energy=particles["energy"], score=particles["score"], x_out=particles.get("x_out"))
         _, pot_grad = fk._potentials(particles.x, level, with_grad=True)
         lg = particles["log_gamma"]
         self.logp = torch.where(torch.isnan(lg), torch.full_like(lg, -math.inf), lg)
-        self.grad = torch.nan_to_num(particles["s"] + pot_grad, nan=0.0, posinf=0.0, neginf=0.0)
+        self.grad = torch.nan_to_num(particles["score"] + pot_grad, nan=0.0, posinf=0.0, neginf=0.0)
         self._memo: list[tuple[Tensor, dict]] = [(particles.x, {k: particles.get(k) for k in self._FIELDS})]
 
     def logdensity_fn(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,10 +372,11 @@ class _MCMCTarget:
         u = None
         if self.t < self.fk.T - 1:
             if self.fk.proposal is None:
-                u = fields["s"]
+                u = fields["score"]
             else:
                 xe = x_new.to(self.fk.eval_dtype)
-                u = score_of(self.fk.proposal, xe, self.fk._sigma(self.t), max_batch=self.fk.max_batch).to(x_new.dtype)
+                u = score_of(self.fk.proposal, xe, self.fk._sigma_batch(self.t, xe),
+                             max_batch=self.fk.max_batch).to(x_new.dtype)
                 ok = _rowfinite(u)
                 alive = ~fields["bad"]
                 fields["bad"] = fields["bad"] | (alive & ~ok)

@@ -13,9 +13,10 @@ the particles with global indices [r n, (r + 1) n), n = N / R (N must be divisib
     exchange             each needed particle that lives on another rank crosses once (one all_to_all_single with
                          uneven splits of the packed particle rows, all cached fields and the level-0 ancestor index
                          included); receivers expand the copies locally, preserving ancestor order
-    move                 MCMC on the shard; the step size c * population_scale uses the median over all N particles
-                         and c is adapted from the global mean acceptance (both all-gathered), so every rank keeps
-                         the same step size
+    move                 MCMC on the shard, any fkdiff.mcmc kernel: its StepSizeAdapter is bound to the sharded
+                         population (`kernel.for_population`), so the step size c * population_scale uses the median
+                         over all N particles and c is adapted from the global mean acceptance (both all-gathered):
+                         every rank keeps the same step size
 
 The propagation / MCMC noise comes from each rank's own generator (seeded from (seed, rank)), so ranks draw
 independent noise. Given the same ancestors, the rows each rank holds after the exchange are exactly those one process
@@ -28,10 +29,12 @@ the end). With island estimates Z_r, the combined estimate is Z_hat = (1/R) sum_
 logsumexp_r log Z_r - log R, and particle i of island r gets the global weight W_i^r Z_r / sum_s Z_s. Cheaper (no
 per-level collective) but the islands never share particles, so it needs n large enough per rank.
 
-Usage (every rank runs the same program; `torch.distributed.init_process_group` first):
+Usage (every rank runs the same program; `torch.distributed.init_process_group` first): `fkdiff.smc.sample` with a
+sharded population (`distributed.sample(...)` is the same call):
 
-    result = fkdiff.smc.distributed.sample(target, 8192, shape=(2,), num_steps=200, sigma_max=80.0, sigma_min=0.002,
-                                           mcmc=fkdiff.mcmc.HMC(num_leapfrog=3), generator=gen)
+    pop = fkdiff.smc.distributed.ShardedPopulation(island=False, gather=True)
+    result = fkdiff.smc.sample(target, 8192, shape=(2,), num_levels=200, sigma_max=80.0, sigma_min=0.002,
+                               mcmc=fkdiff.mcmc.HMC(num_leapfrog=3), generator=gen, population=pop)
     result.samples           # this rank's shard [N / R, *shape]; result.all_samples: all N (gather=True)
     result.log_Z, result.ess # global, identical on every rank
 
@@ -61,12 +64,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fkdiff.mcmc import Kernel, MCMCInfo, MCMCState, scale_from_mean_squared_grad
+from fkdiff.smc import core
 from fkdiff.smc.core import Population, SMCResult
 from fkdiff.smc.core import run_smc as _run_smc
 from fkdiff.smc.fk import FeynmanKac, Particles
 
-__all__ = ["sample", "run_smc", "ShardedPopulation", "SharedStepKernel", "DistributedSMCResult", "rank_generators"]
+__all__ = ["sample", "run_smc", "ShardedPopulation", "DistributedSMCResult", "rank_generators"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -81,7 +84,7 @@ class ShardedPopulation(Population):
     particle rows that crossed ranks in `select` (for tests and diagnostics).
     """
 
-    def __init__(self, group: Any = None):
+    def __init__(self, group: Any = None, *, island: bool = False, gather: bool = True):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("fkdiff.smc.distributed needs an initialised torch.distributed process group "
                                "(torch.distributed.init_process_group, e.g. under torchrun)")
@@ -92,6 +95,14 @@ class ShardedPopulation(Population):
         self.comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.rows_sent = 0
         self.rows_received = 0
+        self.island, self.gather_samples = bool(island), bool(gather)
+
+    def run(self, fk: FeynmanKac, num_particles: int, *, generator: torch.Generator | None,
+            **engine) -> "DistributedSMCResult":
+        """What `fkdiff.smc.sample(..., population=this)` runs: this rank's noise and the shared resampling generator
+        from rank 0's `generator` (`rank_generators`), then `run_smc` (global or island resampling)."""
+        noise, shared = rank_generators(generator, self, getattr(fk, "device", None))
+        return run_smc(fk, num_particles, generator=noise, resample_generator=shared, population=self, **engine)
 
     def _global_rank(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
@@ -197,51 +208,6 @@ def _unpack(buf: Tensor, specs: list) -> list[Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# MCMC with a population-wide step size
-
-
-class SharedStepKernel:
-    """An `fkdiff.mcmc.Kernel` run on a shard with the step size of the whole population.
-
-    eps = c * population_scale over all N particles (the median of the all-gathered mean squared gradients), and
-    log c <- log c + adapt_gain (mean acceptance over all N - target_accept) (the kernel's own rule): every rank
-    uses and carries the same step size. With one rank it equals the kernel itself.
-    """
-
-    def __init__(self, kernel: Kernel, population: Population):
-        if not isinstance(kernel, Kernel):
-            raise TypeError(f"distributed SMC adapts fkdiff.mcmc.Kernel step sizes across ranks; got "
-                            f"{type(kernel).__name__} (wrap your kernel as a fkdiff.mcmc.Kernel subclass)")
-        self.kernel, self.population = kernel, population
-
-    def init_state(self) -> MCMCState:
-        return self.kernel.init_state()
-
-    def __call__(self, x: Tensor, logdensity_fn, *, generator: torch.Generator | None, state: MCMCState,
-                 logp: Tensor | None = None, grad: Tensor | None = None) -> tuple[Tensor, MCMCState, MCMCInfo]:
-        k = self.kernel
-        extra = 0
-        if logp is None or grad is None:
-            logp, grad = logdensity_fn(x.detach())
-            logp, grad = logp.detach().double(), grad.detach().to(x.dtype)
-            extra = 1
-        if k.step_size is not None:
-            eps = float(k.step_size)
-        else:
-            msg = grad.detach().double().flatten(1).pow(2).mean(1)
-            eps = math.exp(state.log_scale) * scale_from_mean_squared_grad(self.population.gather(msg))
-            if k.max_step_size is not None:
-                eps = min(eps, float(k.max_step_size))
-        x_new, _, info = dataclasses.replace(k, step_size=eps)(x, logdensity_fn, generator=generator, state=state,
-                                                               logp=logp, grad=grad)
-        mean_acc = float(self.population.gather(info.mh_acceptance.detach().double()).mean())
-        new_state = k._adapt(state, mean_acc, eps)
-        if extra:
-            info = dataclasses.replace(info, num_evals=info.num_evals + extra)
-        return x_new, new_state, info
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # result
 
 
@@ -296,14 +262,12 @@ class DistributedSMCResult(SMCResult):
         return self.full().mean()
 
 
-def _wrap(res: SMCResult, pop: ShardedPopulation, n_total: int, gather: bool, **extra) -> DistributedSMCResult:
-    all_lw = extra.pop("all_log_weights", None)
-    if all_lw is None:
-        all_lw = pop.gather(res.log_weights)
+def _wrap(res: SMCResult, pop: ShardedPopulation, n_total: int, **extra) -> DistributedSMCResult:
     fields = {f.name: getattr(res, f.name) for f in dataclasses.fields(SMCResult)}
     return DistributedSMCResult(
-        **fields, rank=pop.rank, world_size=pop.world_size, offset=pop.offset(n_total), all_log_weights=all_lw,
-        all_samples=pop.gather(res.samples) if gather else None, rows_exchanged=pop.rows_received, **extra)
+        **fields, rank=pop.rank, world_size=pop.world_size, offset=pop.offset(n_total),
+        all_log_weights=pop.gather(res.log_weights), all_samples=pop.gather(res.samples) if pop.gather_samples else None,
+        rows_exchanged=pop.rows_received, **extra)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -344,6 +308,7 @@ def run_smc(
     group: Any = None,
     island: bool = False,
     gather: bool = True,
+    population: ShardedPopulation | None = None,
 ) -> DistributedSMCResult:
     """Distributed SMC on any Feynman–Kac model (see the module docstring); `fk` builds this rank's shard.
 
@@ -353,102 +318,61 @@ def run_smc(
                         island runs resample with `generator`)
     island              independent SMC per rank, log Z combined (see the module docstring)
     gather              also all-gather the samples (`all_samples`)
+    population          the ShardedPopulation to use (its group / island / gather then replace those arguments)
     """
-    pop = ShardedPopulation(group)
+    pop = ShardedPopulation(group, island=island, gather=gather) if population is None else population
     n_total = int(num_particles)
     n = pop.local_size(n_total)
     show = progress and pop.rank == 0
-    if island:
-        return _run_islands(fk, n_total, n, pop, generator=generator, resample=resample,
-                            ess_threshold=ess_threshold, mcmc=mcmc, progress=show, gather=gather)
+    if pop.island:
+        res = _run_smc(fk, n, generator=generator, resample=resample, ess_threshold=ess_threshold, mcmc=mcmc,
+                       progress=show)
+        return _combine_islands(res, pop, n_total)
     if resample_generator is None:
         raise ValueError("global resampling needs a resample_generator seeded identically on every rank "
                          "(see rank_generators)")
-    kernel = SharedStepKernel(mcmc, pop) if mcmc is not None else None
-    res = _run_smc(fk, n_total, generator=generator, resample=resample, ess_threshold=ess_threshold, mcmc=kernel,
+    res = _run_smc(fk, n_total, generator=generator, resample=resample, ess_threshold=ess_threshold, mcmc=mcmc,
                    progress=show, population=pop, resample_generator=resample_generator)
-    return _wrap(res, pop, n_total, gather)
+    return _wrap(res, pop, n_total)
 
 
-def _run_islands(fk, n_total: int, n: int, pop: ShardedPopulation, *, generator, resample, ess_threshold, mcmc,
-                 progress, gather) -> DistributedSMCResult:
-    res = _run_smc(fk, n, generator=generator, resample=resample, ess_threshold=ess_threshold, mcmc=mcmc,
-                   progress=progress)
-    nan = torch.full_like(res.ess, math.nan)
-    per_level = torch.stack([
-        res.ess, res.resampled.double(), res.unique_ancestors.double(), res.num_invalid.double(),
-        res.num_alive.double(), torch.cumsum(res.log_Z_increments, 0),
-        nan if res.acceptance is None else res.acceptance, nan if res.step_size is None else res.step_size,
-    ], 1).to(torch.float64)
-    scalars = torch.tensor([[res.log_Z, res.log_Z_var, res.num_eves, res.nfe]], dtype=torch.float64)
-    levels = pop.gather(per_level[None].to(torch.float64).cpu()).cpu()  # [R, T, 8]
-    island = pop.gather(scalars).cpu()  # [R, 4]
+def _combine_islands(res: SMCResult, pop: ShardedPopulation, n_total: int) -> DistributedSMCResult:
+    """One island's result -> the combined result (log Z, weights and every collector's per-level values)."""
+    collectors = [c for c in core.COLLECTORS if res.levels.get(c.name) is not None]
+    names = [c.name for c in collectors]
+    stacked = torch.stack([res.levels[k].to(torch.float64).cpu() for k in names], 1)  # [T, C]
+    levels = pop.gather(stacked[None]).cpu()  # [R, T, C]: one collective for every per-level diagnostic
+    weighted = res.log_Z is not None
+    scalars = torch.tensor([[res.log_Z if weighted else 0.0, res.log_Z_var if weighted else 0.0, res.num_eves]],
+                           dtype=torch.float64)
+    island = pop.gather(scalars).cpu()  # [R, 3]
     log_z_r = island[:, 0]
     r = log_z_r.numel()
-    log_z = float(torch.logsumexp(log_z_r, 0)) - math.log(r)
-    a = log_z_r - torch.logsumexp(log_z_r, 0)  # log of the island weights Z_r / sum_s Z_s
+    # log of the island weights Z_r / sum_s Z_s (equal islands when there is no Z)
+    a = log_z_r - torch.logsumexp(log_z_r, 0) if weighted else torch.full((r,), -math.log(r), dtype=torch.float64)
+    combined = dict.fromkeys(res.levels)
+    for j, c in enumerate(collectors):
+        combined[c.name] = c.islands(levels[:, :, j]).to(c.dtype)
     # Var(Z_hat) / Z_hat^2 with Z_hat = mean_r Z_r and independent islands: sum_r (Z_r / sum Z)^2 Var(Z_r) / Z_r^2
-    rel_var = float((torch.exp(2 * a) * island[:, 1]).sum())
-    cum = torch.logsumexp(levels[:, :, 5], 0) - math.log(r)  # combined log Z_t per level
-    local_lw = res.log_weights + float(a[pop.rank])
-    with_mcmc = res.acceptance is not None
-    combined = dataclasses.replace(
-        res, log_weights=local_lw, log_Z=log_z, log_Z_var=rel_var,
-        ess=levels[:, :, 0].sum(0), resampled=levels[:, :, 1].sum(0) > 0,
-        unique_ancestors=levels[:, :, 2].sum(0).to(torch.int64), num_invalid=levels[:, :, 3].sum(0).to(torch.int64),
-        num_alive=levels[:, :, 4].sum(0).to(torch.int64),
-        acceptance=levels[:, :, 6].mean(0) if with_mcmc else None,
-        step_size=levels[:, :, 7].mean(0) if with_mcmc else None,
-        log_Z_increments=torch.diff(cum, prepend=cum.new_zeros(1)), nfe=float(island[:, 3].mean()),
+    out = dataclasses.replace(
+        res, log_weights=res.log_weights + float(a[pop.rank]), levels=combined,
+        log_Z=float(torch.logsumexp(log_z_r, 0)) - math.log(r) if weighted else None,
+        log_Z_var=float((torch.exp(2 * a) * island[:, 1]).sum()) if weighted else None,
         num_eves=int(island[:, 2].sum()), warnings=[f"island {pop.rank}: {m}" for m in res.warnings])
-    return _wrap(combined, pop, n_total, gather, island=True, island_log_Z=log_z_r)
+    return _wrap(out, pop, n_total, island=True, island_log_Z=log_z_r if weighted else None)
 
 
-def sample(
-    target: Any,
-    num_particles: int,
-    *,
-    shape: Sequence[int],
-    num_steps: int,
-    sigma_max: float,
-    sigma_min: float,
-    proposal: Any = None,
-    potentials: Sequence[Any] = (),
-    mcmc: Any = None,
-    resample: str = "systematic",
-    ess_threshold: float = 0.5,
-    mode: str = "sampler",
-    final_denoise: bool = True,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    max_batch: int | None = None,
-    progress: bool = False,
-    rho: float = 7.0,
-    sigmas: Tensor | None = None,
-    init_std: float | None = None,
-    proposal_variance: str = "ancestral",
-    dtype: torch.dtype = torch.float64,
-    eval_dtype: torch.dtype | None = None,
-    group: Any = None,
-    island: bool = False,
-    gather: bool = True,
-) -> DistributedSMCResult:
-    """`fkdiff.smc.sample` with the N = `num_particles` particles sharded over the ranks of `group` (default: world).
+def sample(target: Any, num_particles: int, *, group: Any = None, island: bool = False, gather: bool = True,
+           **options) -> DistributedSMCResult:
+    """`fkdiff.smc.sample(target, num_particles, **options)` with the N particles sharded over the ranks of `group`
+    (default: the world): `population=ShardedPopulation(group, island=island, gather=gather)`.
 
     Call it on every rank of an initialised process group with the same arguments. `generator`: rank 0's seeds
     everything (see `rank_generators`); `device`: this rank's device (e.g. cuda:LOCAL_RANK). `island=True`: local
     resampling per rank with a combined log Z; `gather=True`: `all_samples` holds all N samples on every rank.
     Returns a `DistributedSMCResult` (this rank's shard, global diagnostics).
     """
-    from fkdiff.smc import _diffusion_fk
+    from fkdiff.smc import sample as smc_sample
 
-    if device is None and generator is not None:
-        device = generator.device
-    fk = _diffusion_fk(target, shape=shape, num_steps=num_steps, sigma_max=sigma_max, sigma_min=sigma_min,
-                       sigmas=sigmas, rho=rho, proposal=proposal, potentials=potentials, mode=mode,
-                       final_denoise=final_denoise, proposal_variance=proposal_variance, init_std=init_std,
-                       max_batch=max_batch, dtype=dtype, eval_dtype=eval_dtype, device=device)
-    noise, shared = rank_generators(generator, ShardedPopulation(group), fk.device)
-    return run_smc(fk, num_particles, generator=noise, resample_generator=shared, resample=resample,
-                   ess_threshold=ess_threshold, mcmc=mcmc, progress=progress, group=group, island=island,
-                   gather=gather)
+    return smc_sample(target, num_particles, population=ShardedPopulation(group, island=island, gather=gather),
+                      **options)

@@ -17,6 +17,12 @@ Optional, for MCMC rejuvenation (resample-move, Gilks & Berzuini 2001): `mcmc_ta
 `MCMCTarget` whose `logdensity_fn` is log gamma_t (the unnormalised marginal target at level t, `(logp [N] float64,
 grad [N, *event])`) and whose `particles_at(x_new)` rebuilds the cached bundle at moved positions.
 Optional `finalize(particles)` maps the last level's particles to the returned samples (default: `.x`).
+Optional `num_evals(t)`: target evaluations per particle that M_t / log G_t made (summed into the result's nfe).
+Optional `weighted = False`: the model's G_t only mark invalid particles (G in {0, 1}; an unweighted sampler such as
+reverse diffusion run by the same engine); the result then reports no log Z (None: not estimated).
+
+Level index: t = 0 is the first level the particles visit (for diffusion models sigma_max), t = T - 1 the last
+(sigma_min); `fk.sigmas[t]` is the noise level of level t where the model has them.
 """
 
 from __future__ import annotations

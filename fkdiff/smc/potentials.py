@@ -1,7 +1,8 @@
-"""Potentials w_{j,k}(x) multiplying the SMC targets (DESIGN.md section 5):
+"""Potentials w_{j,t}(x) multiplying the SMC targets (DESIGN.md section 5), at levels t = 0 (sigma_max), ..., T - 1
+(sigma_min), the engine's order:
 
-    gamma_k(x) = exp(-E(x, sigma_k)) * prod_j w_{j,k}(x)        ("sampler" mode)
-    log G_k = sum_j log w_{j,k}(x_k) - log w_{j,k+1}(x_{k+1})   ("twisted" mode, telescoping)
+    gamma_t(x) = exp(-E(x, sigma_t)) * prod_j w_{j,t}(x)        ("sampler" mode)
+    log G_t = sum_j log w_{j,t}(x_t) - log w_{j,t-1}(x_{t-1})   ("twisted" mode, telescoping)
 
 In both modes only the last level's potential changes the final law; earlier ones only guide the particles.
 
@@ -9,13 +10,20 @@ In both modes only the last level's potential changes the final law; earlier one
   *returned* (the denoised point D(x, sigma_min) when `final_denoise=True`, else x). Evaluating the indicator on the
   returned point, i.e. after the final denoise, guarantees zero violations and makes the returned law exactly "what
   the sampler returns without the box, conditioned on the box". Before the last level it is the box smoothed at
-  sigma_k, w_k(x) = prod_i [Phi((h_i - x_i)/sigma_k) - Phi((l_i - x_i)/sigma_k)] = P(x + sigma_k eps in box),
+  sigma_t, w_t(x) = prod_i [Phi((h_i - x_i)/sigma_t) - Phi((l_i - x_i)/sigma_t)] = P(x + sigma_t eps in box),
   computed as a difference of normal CDFs in log space in float64 (stable in both tails, Box teacher convention).
-- `LowTemperature(beta)`: w_k = exp(-(beta - 1) lambda_k E(x, sigma_k)), lambda_k ramping linearly from 0 at the
-  first level (sigma_max) to 1 at the last (sigma_min). In "twisted" mode the terminal law is the proposal's
+- `Polytope(A, b)`: the linear inequalities A x <= b (rows a_i over the flattened event; one row is a half-space),
+  hard at the last level on x_out like `Box`; before it, w_t(x) = prod_i Phi((b_i - a_i . x) / (sigma_t |a_i|)), the
+  probability that x + sigma_t eps satisfies each inequality (exact for one half-space; for several rows the product
+  over them, which only guides the particles: the final law is set by the last level's hard indicator alone).
+- `LowTemperature(beta)`: w_t = exp(-(beta - 1) lambda_t E(x, sigma_t)), lambda_t = t / (T - 1) ramping linearly
+  from 0 at the first level (sigma_max) to 1 at the last (sigma_min). In "twisted" mode the terminal law is the proposal's
   terminal law times p^(beta-1), i.e. approximately p^beta (Thornton et al. 2025, fig. 3; FK steering).
-- `LogPotential(fn, final_fn=None)`: the generic hook, log w_k(x) = fn(x, sigma_k) `[N]`; at the last level
+- `LogPotential(fn, final_fn=None)`: the generic hook, log w_t(x) = fn(x, sigma_t) `[N]`; at the last level
   `final_fn` (default `fn`) evaluated on the returned point x_out. Plain callables in `potentials=` are wrapped in it.
+
+`build({kind: <a POTENTIALS name>, **arguments})` makes one from a config spec (the command line's
+`sample.potentials`); a new potential class is usable from the command line once it is registered in `POTENTIALS`.
 
 Each potential receives a `Level` (index, number of levels, sigma, whether final, the target's energy and score at
 x, and x_out at the last level) and returns float64 log-weights `[N]`; `log_potential_and_grad` adds grad_x log w
@@ -27,14 +35,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from fkdiff.special import box_log_mass, box_log_mass_grad, log_ndtr_diff  # noqa: F401  (log_ndtr_diff re-exported)
 
-__all__ = ["Level", "Potential", "Box", "LowTemperature", "LogPotential", "as_potential", "log_ndtr_diff"]
+__all__ = ["Level", "Potential", "Box", "Polytope", "LowTemperature", "LogPotential", "as_potential", "log_ndtr_diff", "POTENTIALS",
+           "build"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ class Potential:
 
 class Box(Potential):
     """Box constraint low <= x <= high (bounds broadcast against the event shape): hard at the last level, the box
-    smoothed at sigma_k before (see the module docstring). `soft_scale` multiplies sigma_k in the smoothing."""
+    smoothed at sigma_t before (see the module docstring). `soft_scale` multiplies sigma_t in the smoothing."""
 
     def __init__(self, low, high, *, soft_scale: float = 1.0):
         self.low = torch.as_tensor(low, dtype=torch.float64)
@@ -121,8 +130,56 @@ class Box(Potential):
         return lw, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).to(x.dtype)
 
 
+class Polytope(Potential):
+    """Linear inequalities A x <= b over the flattened event (A `[m, D]` or `[D]` for one half-space, b `[m]`): hard at
+    the last level, smoothed at sigma_t before (see the module docstring). `soft_scale` multiplies sigma_t."""
+
+    def __init__(self, A, b, *, soft_scale: float = 1.0):
+        A = torch.as_tensor(A, dtype=torch.float64)
+        A = A[None] if A.ndim == 1 else A
+        b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+        if A.ndim != 2 or b.shape != (A.shape[0],):
+            raise ValueError(f"Polytope needs A [m, D] and b [m], got A {tuple(A.shape)} and b {tuple(b.shape)}")
+        norms = A.norm(dim=1)
+        if not (torch.isfinite(A).all() and torch.isfinite(b).all() and (norms > 0).all()):
+            raise ValueError("Polytope needs finite A and b and no zero row in A")
+        if not soft_scale > 0:
+            raise ValueError(f"soft_scale must be > 0, got {soft_scale}")
+        self.A, self.b, self.norms, self.soft_scale = A, b, norms, float(soft_scale)
+
+    def _margins(self, x: Tensor) -> Tensor:
+        """b - A x `[N, m]` (float64)."""
+        A = self.A.to(x.device)
+        if x.flatten(1).shape[1] != A.shape[1]:
+            raise ValueError(f"Polytope has {A.shape[1]} columns but the particles have {x.flatten(1).shape[1]} "
+                             "coordinates")
+        return self.b.to(x.device) - x.flatten(1).double() @ A.T
+
+    def contains(self, x: Tensor) -> Tensor:
+        """`[N]` bool: x `[N, *event]` satisfies every inequality."""
+        return (self._margins(x) >= 0).all(1)
+
+    def log_potential(self, x: Tensor, level: Level) -> Tensor:
+        if level.final:
+            inside = self.contains(x if level.x_out is None else level.x_out)
+            return torch.where(inside, 0.0, -math.inf).to(torch.float64)
+        scale = level.sigma * self.soft_scale * self.norms.to(x.device)
+        return torch.special.log_ndtr(self._margins(x) / scale).sum(1)
+
+    def log_potential_and_grad(self, x: Tensor, level: Level) -> tuple[Tensor, Tensor]:
+        lw = self.log_potential(x, level)
+        if level.final:
+            return lw, torch.zeros_like(x)
+        scale = level.sigma * self.soft_scale * self.norms.to(x.device)
+        z = self._margins(x) / scale
+        # d/dx log Phi(z_i) = (phi / Phi)(z_i) * (-a_i / scale_i), the Mills ratio formed in log space
+        mills = torch.exp(-0.5 * z**2 - 0.5 * math.log(2 * math.pi) - torch.special.log_ndtr(z))
+        g = -(mills / scale) @ self.A.to(x.device)
+        return lw, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).reshape(x.shape).to(x.dtype)
+
+
 class LowTemperature(Potential):
-    """w_k = exp(-(beta - 1) lambda_k E(x, sigma_k)), lambda_k = `lambda_fn(level)` (default: linear 0 -> 1).
+    """w_t = exp(-(beta - 1) lambda_t E(x, sigma_t)), lambda_t = `lambda_fn(level)` (default: linear 0 -> 1).
 
     Uses the target energy/score the FK model already computed at x (no extra evaluation)."""
 
@@ -149,7 +206,7 @@ class LowTemperature(Potential):
 
 
 class LogPotential(Potential):
-    """Generic hook: log w_k(x) = fn(x, sigma) `[N]` (sigma a `[N]` tensor); at the last level `final_fn` (default
+    """Generic hook: log w_t(x) = fn(x, sigma_t) `[N]` (sigma a `[N]` tensor); at the last level `final_fn` (default
     fn) on the returned point x_out. Return -inf for forbidden points; NaN/+inf are treated as invalid by SMC."""
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], final_fn: Callable[[Tensor, Tensor], Tensor] | None = None):
@@ -182,3 +239,19 @@ def as_potential(p) -> Potential:
     if callable(p):
         return LogPotential(p)
     raise TypeError(f"a potential must be a fkdiff.smc.Potential or a callable fn(x, sigma) -> [N], got {type(p).__name__}")
+
+
+POTENTIALS: dict[str, type[Potential]] = {"box": Box, "polytope": Polytope, "low_temperature": LowTemperature}
+
+
+def build(spec: Mapping[str, Any]) -> Potential:
+    """A potential from `{kind: <a POTENTIALS name>, **its constructor's arguments}`, e.g.
+    `{kind: box, low: [-1, 0], high: [1, 1]}` or `{kind: low_temperature, beta: 3}`."""
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in POTENTIALS:
+        raise ValueError(f"unknown potential kind {kind!r}; use one of {', '.join(POTENTIALS)}")
+    try:
+        return POTENTIALS[kind](**spec)
+    except TypeError as e:
+        raise ValueError(f"potential {kind!r} ({POTENTIALS[kind].__name__}): {e}") from None

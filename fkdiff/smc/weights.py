@@ -54,8 +54,11 @@ class Weights:
         self.log_mean = self.log_norm - math.log(n)
         self.log_W = self.lw - log_norm
         self.W = self.log_W.exp()
-        # ESS = 1 / sum W^2 = exp(-logsumexp(2 log W))
-        self.ess = float(torch.exp(-torch.logsumexp(2 * self.log_W, 0)))
+        alive = self.lw[self.lw > -math.inf]
+        if float(alive.max()) == float(alive.min()):  # equal weights (an unweighted sampler): exactly the number alive
+            self.ess = float(self.num_alive)
+        else:  # ESS = 1 / sum W^2 = exp(-logsumexp(2 log W))
+            self.ess = float(torch.exp(-torch.logsumexp(2 * self.log_W, 0)))
 
     @property
     def num(self) -> int:

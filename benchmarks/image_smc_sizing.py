@@ -48,11 +48,8 @@ MCMC = {"none": None, "hmc1": (1, 3), "hmc2": (2, 3), "hmc4": (4, 3)}
 
 
 def bind(model, cond):
-    """A conditional student with its condition bound (the one place to change when `Conditioned` moves to
-    `fkdiff.compose.conditioned`)."""
-    from fkdiff.sample import Conditioned
-
-    return Conditioned(model, cond)
+    """A conditional student with its condition bound (`fkdiff.compose.conditioned`)."""
+    return compose.conditioned(model, cond)
 
 
 class PeakRSS:
@@ -158,7 +155,7 @@ def run_one(student, clf, name: str, n: int, levels: int, mc: str, seed: int, ar
     with warnings.catch_warnings(record=True) as caught, PeakRSS() as mem:
         warnings.simplefilter("always", SMCDegeneracyWarning)
         t0 = time.perf_counter()
-        res = smc.sample(target, n, shape=student.event_shape, num_steps=levels, sigma_max=args.sigma_max,
+        res = smc.sample(target, n, shape=student.event_shape, num_levels=levels, sigma_max=args.sigma_max,
                          sigma_min=args.sigma_min, mcmc=kernel, generator=gen, max_batch=args.max_batch,
                          eval_dtype=torch.float32, init_std=init_std, **kw)
         wall = time.perf_counter() - t0

@@ -20,7 +20,7 @@ from teachers import load_teacher
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["logger.kind=none", "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
 SMALL = {"digits_small": ((1, 8, 8), "class", []),
-         "shapes_small": ((3, 16, 16), "position", ["+data.num_samples=64"])}
+         "shapes_small": ((3, 16, 16), "position", ["data.num_samples=64"])}
 
 
 def _bench(name: str):

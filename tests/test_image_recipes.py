@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 import torch
 
 from fkdiff import load_energy
@@ -159,3 +160,110 @@ def test_peak_rss_sees_an_allocation():
         time.sleep(0.1)
         del x
     assert mem.peak - mem.start > 48
+
+
+@pytest.mark.parametrize("experiment", ["compose", "temperature", "bound"])
+def test_image_claims_quick(experiment, trained, tmp_path):
+    """benchmarks/image_claims.py --quick on the 2-step student: the rows each experiment promises, the baselines at
+    the evaluations SMC used, no NaN sample, a hard bound never violated by what a row returns, table and grid."""
+    bench = _bench("image_claims")
+    _, student = trained["digits_small"]
+    out = tmp_path / experiment
+    res = bench.main([experiment, "--quick", "--student", str(student), "--classifier", str(trained["classifier"]),
+                      "--out", str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    rows = saved["rows"]
+    assert rows == res["rows"] and (out / "grid.png").is_file() and "python benchmarks/image_claims.py" in \
+        saved["meta"]["command"]
+    assert (out / "results.md").read_text().count("\n| ") == len(rows) + 1
+    ok = [r for r in rows if "error" not in r]
+    assert all(r["nan_samples"] == 0 and r["peak_rss_mib"] > 0 for r in ok)
+    if experiment == "compose":
+        assert [r["row"] for r in rows] == [f"eq13 {k}" for k in ("SMC", "SMC+HMC1", "reverse diffusion")]
+        for t in range(1):
+            smc_hmc, rd = rows[3 * t + 1], rows[3 * t + 2]
+            assert rd["levels"] == rd["nfe"] == round(smc_hmc["nfe"]) > smc_hmc["levels"] == 4  # equal evaluations
+            assert rows[3 * t]["mean_acceptance"] is None and 0 <= smc_hmc["mean_acceptance"] <= 1
+            assert all(0 <= r["frac_y1"] + r["frac_y2"] <= 1 for r in rows[3 * t:3 * t + 3])
+    elif experiment == "temperature":
+        assert [r.get("beta") for r in rows] == [None, 2.0, 4.0]
+        assert rows[0]["log_Z"] is None and all(r["log_Z"] is not None for r in ok[1:])
+        assert all(r["classifier_frechet"] >= 0 and 0 <= r["frac_class"] <= 1 for r in ok)
+    else:
+        assert [r["row"] for r in rows] == ["SMC + Polytope+HMC1", "reverse diffusion + rejection",
+                                            "reverse diffusion + clip"]
+        assert all(r["violations"] == 0 for r in ok)  # hard at the last level / rejected / projected
+        assert rows[2]["num_returned"] == 8 and rows[1]["num_returned"] == rows[1]["num_accepted"] <= \
+            rows[1]["num_proposed"]
+
+
+def test_image_claims_bound_clip_meets_the_constraint():
+    """The clipping baseline's map: violators darkened onto the half-space boundary, others untouched, pixels in range."""
+    bench = _bench("image_claims")
+    poly = bench.constraint((1, 8, 8), 3, -0.8)
+    x = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2
+    x[:100] = x[:100] * 0.1 - 0.9  # about half inside
+    inside = poly.contains(x.clamp(-1, 1).double())
+    assert 0 < int(inside.sum()) < 200
+    xc, changed = bench.clip_to_bound(x, 3, -0.8)
+    assert torch.equal(changed, ~inside) and poly.contains(xc.double()).all()
+    assert xc.min() >= -1 and xc.max() <= 1 and torch.equal(xc[inside], x[inside].clamp(-1, 1))
+    assert torch.equal(xc[..., 3:], x[..., 3:].clamp(-1, 1))  # only the region moves
+    mean_r = xc[~inside][..., :3].double().flatten(1).mean(1)
+    assert torch.allclose(mean_r, torch.full_like(mean_r, -0.8), atol=1e-5)  # onto the boundary
+
+
+def test_metrics_cli(trained, tmp_path):
+    """python -m fkdiff.metrics: classifier scores of a samples.pt (dict with `resampled`), the shapes composition
+    accuracy of exact renders (1 at the drawn positions, 0 elsewhere), clear errors on bad files."""
+    from fkdiff.data.shapes import pixel_to_position, render
+    from fkdiff.metrics.__main__ import load_images, main
+    from fkdiff.metrics.classifier import _digits_split
+
+    _, _, xva, yva = _digits_split(8, 0)
+    torch.save({"resampled": xva[:32].float(), "samples": xva[:32].float()}, tmp_path / "samples.pt")
+    out = main(["classifier", str(tmp_path / "samples.pt"), "--classifier", str(trained["classifier"]),
+                "--out", str(tmp_path / "m.json")])
+    assert out["num_samples"] == 32 and sum(out["class_counts"]) == 32 and out["classifier_frechet_distance"] >= 0
+    assert json.loads((tmp_path / "m.json").read_text()) == out
+    lab = int(yva[0])
+    assert main(["classifier", str(tmp_path / "samples.pt"), "--classifier", str(trained["classifier"]),
+                 "--label", str(lab)])["accuracy"] is not None
+    centres = torch.tensor([[[4, 4], [11, 11]]])
+    img = render(centres, torch.tensor([[0, 1]]), torch.tensor([[0, 1]]), 16)
+    torch.save(img, tmp_path / "shapes.pt")
+    pos = pixel_to_position(centres[0], 16).tolist()
+    args = ["shapes", str(tmp_path / "shapes.pt"), "--positions=" + ";".join(f"{x},{y}" for x, y in pos)]
+    assert main(args)["accuracy"] == 1.0
+    far = pixel_to_position(torch.tensor([[4, 11]]), 16)[0].tolist()
+    assert main(["shapes", str(tmp_path / "shapes.pt"), f"--positions={far[0]},{far[1]}"])["accuracy"] == 0.0
+    torch.save({"other": img}, tmp_path / "bad.pt")
+    with pytest.raises(KeyError, match="--key"):
+        load_images(tmp_path / "bad.pt")
+    torch.save(torch.zeros(3, 8), tmp_path / "flat.pt")
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        load_images(tmp_path / "flat.pt")
+    with pytest.raises(SystemExit):
+        main(["shapes", str(tmp_path / "shapes.pt"), "--positions", "0.5"])
+    assert main(["shapes", str(tmp_path / "shapes.pt"), "--positions=" + ";".join(f"{x},{y}" for x, y in pos[:1])])[
+        "positions"] == pos[:1]
+
+
+def test_sample_cli_on_an_image_student(trained, tmp_path):
+    """python -m fkdiff.sample recipe=digits_small_compose: eq. 13 of two classes of an image student as a recipe;
+    the naive reverse diffusion beside it at equal evaluations; grid titled with the conditions and log Z."""
+    from fkdiff.sample import run
+
+    _, student = trained["digits_small"]
+    cfg = compose(["recipe=digits_small_compose", "task=sample", f"sample.student={student}",
+                   f"run_dir={tmp_path / 'run'}", "sample.num_particles=6", "sample.num_levels=3",
+                   "sample.progress=false", "logger.kind=none"])
+    assert cfg.sample.target == "conditional(uncond, [one, seven])" and cfg.sample.sigma_min == 0.05
+    diag = run(cfg)
+    saved = torch.load(tmp_path / "run" / "samples.pt")
+    assert saved["resampled"].shape == (6, 1, 8, 8) and torch.isfinite(saved["resampled"]).all()
+    assert diag["reverse_diffusion_levels"] == round(diag["nfe"]) > 3 and saved["reverse_diffusion"].shape == (6, 1, 8, 8)
+    assert (tmp_path / "run" / "samples.png").is_file() and (tmp_path / "run" / "diagnostics.png").is_file()
+    from fkdiff.sample import _conditions
+
+    assert _conditions(OmegaConf.to_container(cfg.sample.models, resolve=True)) == "  [one: 1, three: 3, seven: 7]"

@@ -13,7 +13,8 @@ Three experiments, one sub-command each, each writing `<out>/results.json`, `<ou
     bound        a pixel-space constraint: mean intensity of the left `--cols` columns <= `--threshold` (a Polytope
                  half-space, hard at the last level) for the unconditional student: SMC with the potential against
                  reverse diffusion + projection onto the half-space ("clip") and reverse diffusion + rejection, both at
-                 the evaluations SMC used; violations and fidelity (Frechet distance to the real digits that satisfy it).
+                 the evaluations SMC used; violations and fidelity (Frechet distance to the real digits that
+                 satisfy it).
 
 SMC stops at `--sigma-min` (default 0.05, then one denoising step): the distillation report of issue 9 measures the
 students' relative energy levels as right from sigma 0.05 up and wrong below 0.01 (not yet fixed for the students
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -120,17 +120,14 @@ def _save_grid(samples: dict[str, torch.Tensor], rows: list[dict], path: Path, t
         if x is None or x.shape[0] == 0:
             ax.set_title(f"{label}\n(no sample: {'failed' if 'error' in row else 'none accepted'})", fontsize=8)
             continue
-        x = x[:16].clamp(-1, 1)
-        m = int(math.ceil(math.sqrt(x.shape[0])))
-        pad = torch.full((m * m - x.shape[0], *x.shape[1:]), -1.0)
-        tiles = torch.cat([x, pad]).reshape(m, m, *x.shape[1:])
-        img = tiles.permute(2, 0, 3, 1, 4).reshape(x.shape[1], m * x.shape[2], m * x.shape[3])
-        ax.imshow(((img[0] + 1) / 2).numpy(), cmap="gray", vmin=0, vmax=1)
+        img = plotting.image_grid(x[:16])
+        ax.imshow(img.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
         extra = "" if row.get("log_Z") is None else f"\nlog Z {row['log_Z']:.1f}, min ESS/N {row['min_ess_frac']:.2f}"
         ax.set_title(f"{label}{extra}\nnfe {row['nfe']:.0f}", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     plotting.save(fig, path)
+    torch.save({k: None if v is None else v[:16] for k, v in samples.items()}, path.with_name("grid_samples.pt"))
 
 
 def _fmt(v) -> str:
@@ -206,7 +203,8 @@ def exp_temperature(student, clf, args) -> tuple[list, dict, list[str], str]:
         ct, args.num_particles, num_levels=args.levels, generator=g, **opts), args.seed)
     rows.append(row), samples.setdefault(row["row"], x)
     for beta in args.betas:
-        lbl = f"class {c}, beta {beta:g} (twisted LowTemperature" + ("" if args.mcmc == "none" else f"+{args.mcmc.upper()}") + ")"
+        mc = "" if args.mcmc == "none" else f"+{args.mcmc.upper()}"
+        lbl = f"class {c}, beta {beta:g} (twisted LowTemperature{mc})"
         row, x, _ = run_row(lbl, lambda g, b=beta: smc.sample(ct, args.num_particles, num_levels=args.levels,
                                                              mode="twisted", potentials=[smc.LowTemperature(b)],
                                                              mcmc=_kernel(args.mcmc), generator=g, **opts), args.seed)
@@ -232,7 +230,8 @@ def constraint(shape, cols: int, threshold: float) -> smc.Polytope:
 
 def clip_to_bound(x: torch.Tensor, cols: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipping baseline: pixels clamped to [-1, 1], then a sample whose left `cols` columns are brighter on average
-    than `threshold` has them darkened toward the background, x_R <- -1 + s (x_R + 1), s = (threshold + 1) / (mean_R + 1)
+    than `threshold` has them darkened toward the background, x_R <- -1 + s (x_R + 1),
+    s = (threshold + 1) / (mean_R + 1)
     (times 1 - 1e-6, so that it lands inside). Returns (samples, `[N]` bool: which were changed)."""
     xd = x.double().clamp(-1, 1)
     region = torch.zeros(x.shape[1:], dtype=torch.bool)
@@ -257,7 +256,8 @@ def exp_bound(student, clf, args) -> tuple[list, dict, list[str], str]:
                                                     potentials=[poly], mcmc=_kernel(args.mcmc), generator=g, **opts),
                           args.seed)
     rows.append(row), samples.setdefault(lbl, x)
-    budget = (res.nfe if res is not None else 5 * args.levels) * args.num_particles  # target evaluations SMC used, all particles together
+    # the target evaluations SMC used, all particles together
+    budget = (res.nfe if res is not None else 5 * args.levels) * args.num_particles
     lv = args.levels
     n_rej = max(1, int(budget // lv))
     row, x, _ = run_row("reverse diffusion + rejection", lambda g: samplers.reverse_diffusion(

@@ -2,7 +2,8 @@
 
 `samples_figure`: for 2D samples, the target density exp(-E(x, sigma_min)) on a grid with the equally weighted SMC
 samples over it (and, optionally, another sampler's points beside them); for image samples `[N, C, H, W]` in
-[-1, 1], a grid of up to 64 of them (`image_grid`), other samplers' grids beside it. `diagnostics_figure`: ESS after weighting, unique ancestors and MCMC acceptance
+[-1, 1], a grid of up to 64 of them (`image_grid`), other samplers' grids beside it.
+`diagnostics_figure`: ESS after weighting, unique ancestors and MCMC acceptance
 per level (level 0 = sigma_max, the last = sigma_min). Both return a matplotlib Figure (Agg backend); `save` writes
 and closes one.
 """

@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def run(cfg: DictConfig) -> dict:
     if opt["plot"]["enabled"]:
         fig = plotting.samples_figure(target, equal, sigma=float(opt["sigma_min"]), lim=float(opt["plot"]["lim"]),
                                       others=None if baseline is None else {baseline_name: baseline.samples},
-                                      title=f"{opt['target']}{_conditions(specs)}\n{result.report()}",
+                                      title=f"{opt['target']}{_conditions(specs, opt['target'])}\n{result.report()}",
                                       max_batch=opt.get("max_batch"))
         if fig is not None:
             plotting.save(fig, run_dir / "samples.png")
@@ -160,9 +161,12 @@ def run(cfg: DictConfig) -> dict:
     return diag
 
 
-def _conditions(specs: dict) -> str:
-    """'  [name: cond ...]' for the models with a bound condition (the figure title), else ''."""
-    conds = [f"{name}: {spec['cond']}" for name, spec in specs.items() if spec.get("cond") is not None]
+def _conditions(specs: dict, expr: str) -> str:
+    """'  [name: cond ...]' for the models of the expression `expr` with a bound condition (the figure title),
+    else ''."""
+    used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(expr)))
+    conds = [f"{name}: {spec['cond']}" for name, spec in specs.items()
+             if spec.get("cond") is not None and name in used]
     return f"  [{', '.join(conds)}]" if conds else ""
 
 

@@ -198,7 +198,8 @@ def test_image_claims_quick(experiment, trained, tmp_path):
 
 
 def test_image_claims_bound_clip_meets_the_constraint():
-    """The clipping baseline's map: violators darkened onto the half-space boundary, others untouched, pixels in range."""
+    """The clipping baseline's map: violators darkened onto the half-space boundary, others untouched, pixels in
+    range."""
     bench = _bench("image_claims")
     poly = bench.constraint((1, 8, 8), 3, -0.8)
     x = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2
@@ -262,8 +263,11 @@ def test_sample_cli_on_an_image_student(trained, tmp_path):
     diag = run(cfg)
     saved = torch.load(tmp_path / "run" / "samples.pt")
     assert saved["resampled"].shape == (6, 1, 8, 8) and torch.isfinite(saved["resampled"]).all()
-    assert diag["reverse_diffusion_levels"] == round(diag["nfe"]) > 3 and saved["reverse_diffusion"].shape == (6, 1, 8, 8)
+    assert diag["reverse_diffusion_levels"] == round(diag["nfe"]) > 3
+    assert saved["reverse_diffusion"].shape == (6, 1, 8, 8)
     assert (tmp_path / "run" / "samples.png").is_file() and (tmp_path / "run" / "diagnostics.png").is_file()
     from fkdiff.sample import _conditions
 
-    assert _conditions(OmegaConf.to_container(cfg.sample.models, resolve=True)) == "  [one: 1, three: 3, seven: 7]"
+    models = OmegaConf.to_container(cfg.sample.models, resolve=True)
+    assert _conditions(models, cfg.sample.target) == "  [one: 1, seven: 7]"
+    assert _conditions(models, "tempered(three, 2)") == "  [three: 3]" and _conditions(models, "uncond") == ""

@@ -119,6 +119,7 @@ def test_image_recipes_benchmark_writes_metrics(trained, tmp_path):
         assert (out / "eval.md").read_text().count("|") > 20
 
 
+@pytest.mark.slow  # 1-2 min on 2 shared cores; the default suite runs benchmarks/image_claims.py --quick instead
 def test_image_smc_sizing_quick(trained, tmp_path):
     """--quick: every target, N=16, 6 levels, with and without HMC, two seeds; rows, aggregates, grids, table."""
     bench = _bench("image_smc_sizing")

@@ -18,6 +18,9 @@ Methods at a budget B of target evaluations per particle (energy+score):
   smc_hmc    SMC + 1 HMC step x 3 leapfrog per level (B/4 levels)                   fkdiff.smc.sample(mcmc=HMC())
   smc_hmc1   SMC + 1 HMC step x 1 leapfrog per level (B/2 levels): the same budget spent on more levels
              (at 1000 evaluations the log Z error of SMC+HMC is variance of the weights, which falls like 1/levels)
+  budget     `fkdiff.smc.sample(target, N, budget=B)` and nothing else: the budget-driven default
+             (fkdiff.smc.adaptive: pilot-placed levels, HMC effort, twisted low temperature, island error bars)
+  budget_lw  the same with all N particles in one population (Lee-Whiteley error bar)
 
 Metrics against an independent exact sample of the same size N:
   tv    total variation between the mode-occupancy histograms (each point assigned to the nearest mode centre;
@@ -73,6 +76,9 @@ def make_targets() -> dict:
     r8 = ring8()
     two = iso_gmm([[0.35, 0.35], [-0.35, -0.35]], [0.3, 0.2])
     three = iso_gmm([[-0.5, 0.0], [0.5, 0.0], [0.0, 0.6]], [0.08, 0.12, 0.1], [0.5, 0.3, 0.2])
+    # p^4 of a wide major mode (weight 0.8, std 0.2) and a narrow minor one (0.2, std 0.05): the minor mode holds
+    # 0.2^4 0.05^-6 / (0.2^4 0.05^-6 + 0.8^4 0.2^-6) = 94% of p^4 (the integral of N(0, s^2 I)^4 is prop. to s^-6)
+    minor = iso_gmm([[-0.4, 0.0], [0.4, 0.2]], [0.2, 0.05], [0.8, 0.2])
     cl, cr = columns_left(), columns_right()
     low, high = [-0.6, 0.0], [0.6, 0.6]
     t = {
@@ -82,6 +88,7 @@ def make_targets() -> dict:
         "negation": dict(target=compose.negation(r8, iso_gmm([[0.5, 0.0]], [0.25]), alpha=0.5), centres=r8.means,
                          init_std=2 * SIGMA_MAX),
         "low_temperature": dict(target=compose.tempered(three, 3.0), centres=three.means),
+        "p4_minor": dict(target=compose.tempered(minor, 4.0), centres=minor.means),
         "bounds": dict(target=r8, potentials=[smc.Box(low, high)], baseline_target=compose.product(r8, BoxTeacher(low, high)),
                        centres=r8.means, box=(torch.tensor(low, dtype=torch.float64), torch.tensor(high, dtype=torch.float64))),
     }
@@ -151,10 +158,14 @@ def run_method(method, spec, n, budget, gen):
             return smc.sample(spec["target"], n, num_levels=hmc_levels, mcmc=mcmc.HMC(), **smc_kw, **kw)
         if method == "smc_hmc1":
             return smc.sample(spec["target"], n, num_levels=max(budget // 2, 2), mcmc=mcmc.HMC(1, 1), **smc_kw, **kw)
+        if method == "budget":  # the budget-driven default: nothing but the budget
+            return smc.sample(spec["target"], n, budget=budget, **smc_kw, **kw)
+        if method == "budget_lw":  # the same with all N particles in one population (Lee-Whiteley error bar)
+            return smc.sample(spec["target"], n, budget=budget, population=smc.core.LOCAL, **smc_kw, **kw)
     raise ValueError(method)
 
 
-METHODS = ("reverse", "annealed", "smc", "smc_hmc", "smc_hmc1")
+METHODS = ("reverse", "annealed", "smc", "smc_hmc", "smc_hmc1", "budget", "budget_lw")
 
 
 def main(argv=None):
@@ -197,12 +208,22 @@ def main(argv=None):
                     gm = torch.Generator().manual_seed(seed * 1000 + budget)
                     t0 = time.perf_counter()
                     res = run_method(method, spec, n, budget, gm)
+                    warned = list(getattr(res, "warnings", []))  # the run's degeneracy messages
                     wall = time.perf_counter() - t0
                     w = res.log_weights.exp()
                     alive = w > 0
                     x = res.samples[alive].double()
                     ok = res.log_Z is not None  # None: the baselines estimate no log Z
-                    row = dict(target=name, method=method, budget=budget, seed=seed, nfe=res.nfe, wall_time=wall,
+                    plan = getattr(res, "plan", None)
+                    covered = None
+                    if ok and res.log_Z_se is not None:
+                        lo, hi = res.log_Z_ci(0.95)
+                        covered = bool(lo <= truth.log_Z <= hi)
+                    row = dict(target=name, method=method, budget=budget, seed=seed,
+                               nfe=plan["used_evaluations"] if plan else res.nfe, wall_time=wall, covered=covered,
+                               num_levels=len(res.sigmas) if res.sigmas is not None else None, warnings=warned,
+                               island_disagreement=plan.get("island_disagreement") if plan else None,
+                               min_cess=float(res.cess.min()) if res.levels.get("cess") is not None else None,
                                tv=mode_tv(x, w[alive], ref, spec["centres"]), mmd=mmd(x, w[alive], ref),
                                mmd_ratio=mmd(x, w[alive], ref) / max(fl[i]["mmd"], 1e-12), log_Z=res.log_Z,
                                log_Z_err=abs(res.log_Z - truth.log_Z) if ok else None,
@@ -232,7 +253,8 @@ def _median(v):
 def markdown(rows, floors, args) -> str:
     seeds = " ".join(str(s) for s in args.seeds)
     lines = [f"SMC accuracy, N = {args.particles} particles, seeds {seeds}; medians over seeds of tv / mmd (x noise floor)"
-             " / |log Z error| [min, max over seeds]", "",
+             " / |log Z error| [min, max over seeds]; seeds with both tv and mmd within 2x the median noise floor; "
+             "seeds whose reported 95% log Z interval covers the exact value", "",
              "| target | B | floor tv / mmd | " + " | ".join(args.methods) + " |",
              "|---|---|---|" + "---|" * len(args.methods)]
     for name in floors:
@@ -249,6 +271,11 @@ def markdown(rows, floors, args) -> str:
                 lz = [r["log_Z_err"] for r in rs if r["log_Z_err"] is not None]
                 if lz:
                     c += f" / {_median(lz):.3f}" + (f" [{min(lz):.3f}, {max(lz):.3f}]" if len(lz) > 1 else "")
+                good = sum(r["tv"] <= 2 * f["tv"] and r["mmd"] <= 2 * f["mmd"] for r in rs)
+                c += f"; {good}/{len(rs)} in 2x floor"
+                cov = [r["covered"] for r in rs if r.get("covered") is not None]
+                if cov:
+                    c += f"; CI covers {sum(cov)}/{len(cov)}"
                 cells.append(c)
             lines.append(f"| {name} | {budget} | {f['tv']:.3f} / {f['mmd']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

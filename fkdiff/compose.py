@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fkdiff.diffusion import as_sigma, denoiser_from_score
+from fkdiff.nets import checked_labels
 from fkdiff.targets import has_energy
 from fkdiff.targets import energy_and_score as _energy_and_score
 from fkdiff.targets import score as _score
@@ -231,6 +232,10 @@ class Conditioned:
     def __init__(self, model: Any, cond: Any):
         self.model = model
         self.cond = cond
+        k = getattr(model, "num_classes", None)  # one label checked here, once, on the host (not per evaluation)
+        self._label_ok = isinstance(cond, int) and not isinstance(cond, bool) and k is not None
+        if self._label_ok and not -1 <= cond < int(k):
+            raise ValueError(f"class label {cond} outside [0, {k}) (or -1, the null class where the model has one)")
         for attr in ("sigma_min", "sigma_max", "sigma_data"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
@@ -238,7 +243,8 @@ class Conditioned:
     def _cond(self, x: Tensor):
         c = torch.as_tensor(self.cond, device=x.device)
         if c.ndim == 0:  # a class label
-            return c.long().expand(x.shape[0])
+            labels = c.long().expand(x.shape[0])
+            return checked_labels(labels) if self._label_ok else labels
         return c.to(x.dtype).reshape(1, -1).expand(x.shape[0], -1)  # a position / condition vector
 
     def energy(self, x, sigma):

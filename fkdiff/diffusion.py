@@ -38,6 +38,7 @@ __all__ = [
     "is_checked",
     "check_batch",
     "sigma_schedule",
+    "restrict_normal",
     "sample_training_sigma",
     "sample_training_noise",
     "edm_loss_weight",
@@ -160,6 +161,29 @@ def sigma_schedule(
     return sig
 
 
+def restrict_normal(z: Tensor, a: float, b: float) -> Tensor:
+    """Standard normal draws `z` made draws of N(0, 1) truncated to [a, b], moving only those outside it.
+
+    A draw outside [a, b] is placed at the same relative position of the truncated law's CDF that it had among the
+    draws outside: with Phi the normal CDF and p_out = Phi(a) + 1 - Phi(b), its rank u = Phi(z) / p_out (z < a) or
+    (Phi(a) + Phi(z) - Phi(b)) / p_out (z > b) is uniform on (0, 1) given z outside, and
+    z' = Phi^-1(Phi(a) + u (Phi(b) - Phi(a))). The result is exactly truncated-normal (the moved mass lands with density
+    proportional to the normal's), a draw inside [a, b] is unchanged, and the map is deterministic (same generator
+    stream). Computed in float64; returns z's dtype.
+    """
+    if not a < b:
+        raise ValueError(f"need a < b, got [{a}, {b}]")
+    zd = z.to(torch.float64)
+    ndtr, ndtri = torch.special.ndtr, torch.special.ndtri
+    fa, qb = ndtr(torch.tensor(a, dtype=torch.float64)), ndtr(torch.tensor(-b, dtype=torch.float64))  # tails
+    p_out = fa + qb
+    if float(p_out) == 0.0:
+        return z
+    u = torch.where(zd < a, ndtr(zd), fa + qb - ndtr(-zd)) / p_out  # rank among the outside draws, in (0, 1)
+    inside = ndtri((fa + u * (1 - qb - fa)).clamp(float(fa), float(1 - qb)))
+    return torch.where((zd < a) | (zd > b), inside.clamp(a, b), zd).to(z.dtype)
+
+
 def sample_training_sigma(
     n: int,
     p_mean: float = P_MEAN,
@@ -167,9 +191,16 @@ def sample_training_sigma(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    sigma_range: tuple[float, float] | None = None,
 ) -> Tensor:
-    """EDM training noise levels: ln sigma ~ N(p_mean, p_std^2). Shape `[n]`."""
+    """EDM training noise levels: ln sigma ~ N(p_mean, p_std^2), truncated to `sigma_range = (lo, hi)` when given
+    (a teacher defined on [lo, hi] only; `restrict_normal`: draws inside are unchanged). Shape `[n]`."""
     z = torch.randn(n, generator=generator, device=device, dtype=dtype)
+    if sigma_range is not None:
+        lo, hi = (float(v) for v in sigma_range)
+        if not 0 < lo < hi:
+            raise ValueError(f"sigma_range must satisfy 0 < lo < hi, got {sigma_range}")
+        z = restrict_normal(z, (math.log(lo) - p_mean) / p_std, (math.log(hi) - p_mean) / p_std)
     return (p_mean + p_std * z).exp()
 
 
@@ -179,17 +210,19 @@ def sample_training_noise(
     p_mean: float = P_MEAN,
     p_std: float = P_STD,
     shard: tuple[int, int] = (0, 1),
+    sigma_range: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(sigma `[B]`, eps `[B, *event]`) for the rows `x0 [B, *event]`, on x0's device and dtype.
 
     Drawn on the CPU from `generator` (a CPU generator, so the numbers do not depend on the device): first the global
-    batch's ln sigma ~ N(p_mean, p_std^2), then its eps ~ N(0, I). With `shard = (rank, world_size)`, x0 holds rows
-    rank, rank + w, ... of a global batch of B * w rows: the noise of the whole global batch is drawn and the same rows
-    are kept, so a row's noise does not depend on the number of processes.
+    batch's ln sigma ~ N(p_mean, p_std^2) (truncated to `sigma_range` when given), then its eps ~ N(0, I). With
+    `shard = (rank, world_size)`, x0 holds rows rank, rank + w, ... of a global batch of B * w rows: the noise of the
+    whole global batch is drawn and the same rows are kept, so a row's noise does not depend on the number of processes.
     """
     rank, world = shard
     n = x0.shape[0] * world
-    sigma = sample_training_sigma(n, p_mean, p_std, generator=generator)[rank::world].to(x0)
+    sigma = sample_training_sigma(n, p_mean, p_std, generator=generator,
+                                  sigma_range=sigma_range)[rank::world].to(x0)
     eps = torch.randn((n, *x0.shape[1:]), generator=generator, dtype=x0.dtype)[rank::world].to(x0.device)
     return sigma, eps
 

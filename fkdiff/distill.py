@@ -68,16 +68,40 @@ def _jobs(cfg: DictConfig) -> list[tuple[str, Any, Any]]:
     return [("student", load_teacher(tcfg), build_datamodule_from_config(cfg.data, val_batch_size=val_batch))]
 
 
+def _conditional(cfg: DictConfig, teacher, dm) -> bool:
+    """Whether the student is conditioned on the data's condition: asked for (student.conditional), present in the
+    data, and taken by the teacher (a teacher that declares none is distilled unconditionally)."""
+    from teachers.load import conditioning
+
+    data_kind = getattr(dm, "cond_kind", "none")
+    if not bool(cfg.student.get("conditional", True)) or data_kind == "none":
+        return False
+    kind, num_classes = conditioning(teacher)
+    if kind is None:  # a network given as code declares nothing: it takes the data's condition
+        return True
+    if kind == "none":
+        return False
+    if kind != data_kind or (kind == "class" and num_classes not in (None, getattr(dm, "num_classes", None))):
+        raise ValueError(f"the teacher is conditioned on {kind} ({num_classes} classes) but data={cfg.data.name} gives "
+                         f"{data_kind} conditions ({getattr(dm, 'num_classes', None)} classes); pick matching data or "
+                         "student.conditional=false")
+    return True
+
+
 def _build_student(cfg: DictConfig, teacher, dm):
-    from fkdiff.energy import build_student, warm_start_from
+    from fkdiff.energy import build_student, student_from_teacher, warm_start_from
 
     scfg = _container(cfg.student)
-    spec = getattr(teacher, "spec", None) or {}
+    conditional = _conditional(cfg, teacher, dm)
     backbone = scfg.get("backbone")
+    if backbone == "teacher":  # an energy over a copy of the teacher's own network, warm-started from its weights
+        student = student_from_teacher(teacher, scfg.get("g", "ip"), event_shape=dm.event_shape,
+                                       sigma_data=scfg.get("sigma_data"), teacher_config=_container(cfg.teacher))
+        return student, True, conditional
+    spec = getattr(teacher, "spec", None) or {}
     if backbone is None:
         backbone = dict(spec.get("backbone", {})) if spec else {}
     sigma_data = scfg.get("sigma_data") or getattr(teacher, "sigma_data", None) or dm.sigma_data
-    conditional = bool(scfg.get("conditional", True)) and getattr(dm, "cond_kind", "none") != "none"
     student = build_student(
         dm.event_shape, float(sigma_data), scfg.get("g", "l2"), backbone=backbone,
         cond_kind=dm.cond_kind if conditional else "none",
@@ -90,7 +114,17 @@ def _build_student(cfg: DictConfig, teacher, dm):
     copied = False
     if warm in (True, "true", "auto"):
         copied = warm_start_from(student, teacher, strict=warm in (True, "true"))
-    return student, copied
+    return student, copied, conditional
+
+
+def _sigma_range(cfg: DictConfig, teacher) -> tuple[float, float] | None:
+    """The training sigma law's range: the teacher's [sigma_min, sigma_max] (distill.sigma_range=teacher, where the
+    teacher declares one), or none (full)."""
+    mode = str(cfg.distill.get("sigma_range", "teacher"))
+    if mode not in ("teacher", "full"):
+        raise ValueError(f"distill.sigma_range must be teacher or full, got {mode!r}")
+    lo, hi = getattr(teacher, "sigma_min", None), getattr(teacher, "sigma_max", None)
+    return (float(lo), float(hi)) if mode == "teacher" and lo is not None and hi is not None else None
 
 
 def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run_dir: Path) -> StudentRun:
@@ -105,14 +139,15 @@ def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run
     dcfg = cfg.distill
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the student's initial weights
     dm.setup("fit")
-    student, warm = _build_student(cfg, teacher, dm)
+    student, warm, conditional = _build_student(cfg, teacher, dm)
     sub = run_dir / name
     loss = DenoiserMatchingLoss(student.sigma_data, str(dcfg.target), float(dcfg.p_mean), float(dcfg.p_std),
-                                str(dcfg.weighting))
+                                str(dcfg.weighting), sigma_range=_sigma_range(cfg, teacher))
     module = DistillationModule(
         student, teacher, loss, lr=float(dcfg.lr), betas=tuple(dcfg.betas), weight_decay=float(dcfg.weight_decay),
         warmup_steps=int(dcfg.warmup_steps), seed=int(cfg.seed), sigma_buckets=list(dcfg.sigma_buckets),
-        diagnostics_every_n_steps=int(dcfg.diagnostics_every_n_steps or 0), run_config=_container(cfg))
+        diagnostics_every_n_steps=int(dcfg.diagnostics_every_n_steps or 0), run_config=_container(cfg),
+        conditional=conditional)
     tr = dict(trainer_cfg)
     tr.setdefault("val_check_interval", int(dcfg.val_every_n_steps))
     tr.setdefault("limit_val_batches", 1)        # one batch of val_examples examples

@@ -5,7 +5,8 @@ A spec is a mapping `{kind: <a MODEL_KINDS name>, ..., cond: <optional condition
     analytic   an exact analytic teacher from `teachers.presets` (`preset:`, optional `preset_kwargs:`): energies,
                scores and denoisers in closed form
     energy     a distilled energy student (`path:` to a student.pt, a distillation checkpoint or a run folder with
-               one student; `fkdiff.energy.load_energy`)
+               one student; `fkdiff.energy.load_energy`); `fast_path:` the keywords of `EnergyStudent.fast_path`
+               (`precision: bf16` autocast, `channels_last: true`, `compile: true`)
     teacher    a denoiser through `teachers.load_teacher` (`teacher:` holding a teacher config, or the spec itself):
                a score field only (no energy), usable as the SMC proposal
 
@@ -40,7 +41,10 @@ def _energy(spec: Mapping[str, Any], device) -> Any:
 
     if not spec.get("path"):
         raise ValueError("an energy model needs `path:` to a distilled student (written by python -m fkdiff.distill)")
-    return load_energy(spec["path"], device=device)
+    model = load_energy(spec["path"], device=device)
+    if spec.get("fast_path"):  # e.g. {precision: bf16, channels_last: true, compile: true} (EnergyStudent.fast_path)
+        model.fast_path(**dict(spec["fast_path"]))
+    return model
 
 
 def _teacher(spec: Mapping[str, Any], device) -> Any:

@@ -39,6 +39,17 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(torch.cat([arg.cos(), arg.sin()], dim=1))
 
 
+_LABELS_CHECKED = "_fkdiff_labels_checked"
+
+
+def checked_labels(labels: Tensor) -> Tensor:
+    """Mark a `[B]` class-label tensor whose values the caller has checked on the host (e.g. one bound label broadcast
+    by `fkdiff.compose.Conditioned`): `CondEmbedding` then skips its range check, a device read (host sync) per
+    evaluation. Returns `labels`."""
+    setattr(labels, _LABELS_CHECKED, True)
+    return labels
+
+
 class CondEmbedding(nn.Module):
     """Embedding of a class label or position vector, with a learned null token for "no condition"."""
 
@@ -72,7 +83,7 @@ class CondEmbedding(nn.Module):
                 if cond.is_floating_point() or cond.shape != (batch,):
                     raise ValueError(f"class condition must be an integer tensor of shape [{batch}], got "
                                      f"{cond.dtype} {tuple(cond.shape)}")
-                if ((cond < -1) | (cond >= self.num_classes)).any():
+                if not getattr(cond, _LABELS_CHECKED, False) and ((cond < -1) | (cond >= self.num_classes)).any():
                     raise ValueError(f"class labels must lie in [0, {self.num_classes}) or be -1 (null)")
                 idx = torch.where(cond < 0, torch.full_like(cond, self.num_classes), cond).long()
             return self.table(idx).to(dtype)

@@ -76,6 +76,12 @@ def _potential_specs(opt: dict) -> dict:
             raise ValueError("sample.temperature (low-temperature tilt) needs sample.mode=twisted; "
                              "in sampler mode use the expression tempered(model, beta) instead")
         specs["temperature"] = {"kind": "low_temperature", "beta": float(opt["temperature"])}
+        steps = int((opt.get("mcmc") or {}).get("num_steps", 0) or 0)
+        if float(opt["temperature"]) > 1.0 and steps < 4:
+            warnings.warn(f"sample.temperature={opt['temperature']} with {steps} MCMC steps per level: the low "
+                          "temperature moves mass between modes at small sigma and needs rejuvenation (measured: 4 HMC "
+                          "steps per level, README 'Choosing the SMC settings'); set sample.mcmc.num_steps=4",
+                          UserWarning, stacklevel=2)
     return specs
 
 

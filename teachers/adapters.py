@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from fkdiff.diffusion import (SIGMA_MAX, SIGMA_MIN, append_dims, as_sigma, check_batch, denoiser_from_eps,
-                              denoiser_from_score, vp_sigma_from_alpha_bar)
-from teachers.load import strict_bool, teacher_kind
+                              denoiser_from_score, vp_alpha_bar_from_sigma, vp_sigma_from_alpha_bar)
+from teachers.load import strict_bool, teacher_kind, teacher_network
 
 __all__ = [
     "make_alphas_cumprod",
@@ -142,6 +142,15 @@ class DiscreteVPDenoiser(nn.Module):
         w = t - lo
         return ((1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]).exp()
 
+    @property
+    def cond_kind(self) -> str | None:
+        """The wrapped net's conditioning ("none", "class", ...) when it declares one, else None (unknown)."""
+        return getattr(self.net, "cond_kind", None)
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.net, "num_classes", None)
+
     def get_output(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """The wrapped net's raw output at VP input `x_t` and step `t`."""
         return self.net(x_t, t) if cond is None else self.net(x_t, t, cond)
@@ -214,6 +223,15 @@ class EDMNetDenoiser(nn.Module):
         self.sigma_min = float(sigma_min if sigma_min is not None else max(SIGMA_MIN, own_min))
         self.sigma_max = float(sigma_max if sigma_max is not None else min(SIGMA_MAX, own_max))
         self.label_dim = int(label_dim if label_dim is not None else getattr(net, "label_dim", 0) or 0)
+
+    @property
+    def cond_kind(self) -> str:
+        """"class" for a net with `label_dim` > 0 (EDM's class-conditional nets), else "none"."""
+        return "class" if self.label_dim else "none"
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.label_dim or None
 
     def forward(self, x: Tensor, sigma: float | Tensor, cond: Any = None) -> Tensor:
         check_batch(x)
@@ -345,13 +363,33 @@ def _import_diffusers():
 
 
 class DiffusersUNet(nn.Module):
-    """`UNet2DModel` as `net(x_t, t[, class_labels]) -> output`; a learned-variance output keeps its first half."""
+    """`UNet2DModel` as `net(x_t, t[, class_labels]) -> output`; a learned-variance output keeps its first half.
+
+    Conditioning follows the UNet's config: `num_class_embeds` = K (an embedding table) makes it class-conditional
+    (`cond_kind` "class", labels in [0, K): diffusers' tables have no null class, so cond=None or the label -1 cannot
+    be evaluated), none makes it unconditional (a given condition is an error: the teacher would ignore it).
+    """
 
     def __init__(self, unet: nn.Module):
         super().__init__()
+        config = getattr(unet, "config", None)
+        embed_type = getattr(config, "class_embed_type", None)
+        if embed_type is not None:
+            raise ValueError(f"diffusers UNet with class_embed_type={embed_type!r}: only label tables "
+                             "(num_class_embeds, class_embed_type=None) are supported")
         self.unet = unet
+        self.num_classes = getattr(config, "num_class_embeds", None) if getattr(unet, "class_embedding", None) is not \
+            None else None
+        self.cond_kind = "class" if self.num_classes else "none"
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        if self.cond_kind == "none" and cond is not None:
+            raise ValueError("this diffusers teacher is unconditional (its UNet has no num_class_embeds) but a "
+                             "condition was given; distil it with an unconditional student (student.conditional=false "
+                             "is chosen automatically by fkdiff.distill)")
+        if self.cond_kind == "class" and cond is None:
+            raise ValueError(f"this diffusers teacher is class-conditional (num_class_embeds={self.num_classes}) and "
+                             "has no null class: pass class labels [B] in [0, num_classes)")
         dtype = next(self.unet.parameters()).dtype
         out = self.unet(x_t.to(dtype), t.to(dtype), class_labels=cond).sample
         if out.shape[1] == 2 * x_t.shape[1]:
@@ -375,9 +413,15 @@ def from_diffusers(unet: Any, scheduler: Any = None, *, alphas_cumprod: Tensor |
         if not folder.exists():
             raise FileNotFoundError(f"diffusers model folder {folder} not found")
         sub = subfolder if subfolder and (folder / subfolder).is_dir() else None
-        if scheduler is None and alphas_cumprod is None and (folder / "scheduler").is_dir():
-            scheduler = diffusers.DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler")
-        unet = diffusers.UNet2DModel.from_pretrained(str(folder), subfolder=sub)
+        if scheduler is None and alphas_cumprod is None:
+            # a pipeline folder (unet/ + scheduler/) or a flat one (config.json + scheduler_config.json, as the
+            # hub's google/ddpm-cifar10-32)
+            if (folder / "scheduler").is_dir():
+                scheduler = diffusers.DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+            elif (folder / "scheduler_config.json").is_file():
+                scheduler = diffusers.DDPMScheduler.from_pretrained(str(folder))
+        # safetensors when the folder has them; diffusers reads a *.bin with torch.load(weights_only=True)
+        unet = diffusers.UNet2DModel.from_pretrained(str(folder), subfolder=sub, low_cpu_mem_usage=False)
     if alphas_cumprod is None:
         if scheduler is None:
             raise ValueError("from_diffusers needs alphas_cumprod or a scheduler with alphas_cumprod")
@@ -389,6 +433,28 @@ def from_diffusers(unet: Any, scheduler: Any = None, *, alphas_cumprod: Tensor |
         unet = unet.to(device)
     return vp_denoiser(DiffusersUNet(unet), alphas_cumprod, prediction, sigma_data=sigma_data, clamp=clamp,
                        t_mode=t_mode).eval()
+
+
+def _diffusers_spec(teacher: Any) -> dict | None:
+    """The architecture of a diffusers-UNet VP teacher as plain data (`teachers.load.network_spec`)."""
+    if not (isinstance(teacher, DiscreteVPDenoiser) and isinstance(teacher.net, DiffusersUNet)):
+        return None
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(teacher.net.unet.config).items()
+              if not k.startswith("_")}
+    prediction = {cls: key for key, cls in VP_ADAPTERS.items()}[type(teacher)]
+    return {"unet_config": config, "alphas_cumprod": vp_alpha_bar_from_sigma(teacher.sigmas).tolist(),
+            "prediction": prediction, "sigma_data": teacher.sigma_data, "t_mode": teacher.t_mode}
+
+
+def _diffusers_build(spec) -> DiscreteVPDenoiser:
+    diffusers = _import_diffusers()
+    unet = diffusers.UNet2DModel.from_config(dict(spec["unet_config"]))
+    # clamp: a student's copy must not stop (or synchronise with the host) on a range check at every evaluation
+    return vp_denoiser(DiffusersUNet(unet), torch.tensor(spec["alphas_cumprod"], dtype=torch.float64),
+                       spec["prediction"], sigma_data=float(spec["sigma_data"]), clamp=True, t_mode=spec["t_mode"])
+
+
+teacher_network("diffusers")((_diffusers_spec, _diffusers_build))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -458,16 +524,38 @@ def load_ve(cfg, device=None) -> VEDenoiser:
 
 @teacher_kind("edm_pickle")
 def _load_edm_pickle_kind(cfg, device=None) -> EDMNetDenoiser:
-    if not cfg.get("path"):
-        raise ValueError("teacher.kind=edm_pickle needs teacher.path (an NVlabs/edm network-snapshot-*.pkl)")
-    return load_edm_pickle(cfg.get("path"), allow_pickle=strict_bool(cfg.get("allow_pickle"), "teacher.allow_pickle"),
-                           code_dir=cfg.get("code_dir"), key=str(_get(cfg, "key", "ema")), device=device)
+    """`teacher.kind=edm_pickle`: the pickle at `path`, or the one at `url` fetched into the torch hub cache
+    (`teachers.hub.fetch_url`, checked against `sha256` when given); unpickled only with `allow_pickle=true`."""
+    allow = strict_bool(cfg.get("allow_pickle"), "teacher.allow_pickle")  # a typo fails before any download
+    path = cfg.get("path")
+    if not path and cfg.get("url"):
+        from teachers.hub import fetch_url
+
+        path = fetch_url(str(cfg["url"]), sha256=cfg.get("sha256"), timeout=float(_get(cfg, "timeout", 10.0)))
+    if not path:
+        raise ValueError("teacher.kind=edm_pickle needs teacher.path (an NVlabs/edm network-snapshot-*.pkl) or "
+                         "teacher.url (e.g. one of teachers.hub.EDM_CIFAR10)")
+    return load_edm_pickle(path, allow_pickle=allow, code_dir=cfg.get("code_dir"), key=str(_get(cfg, "key", "ema")),
+                           device=device)
 
 
 @teacher_kind("diffusers")
 def _load_diffusers_kind(cfg, device=None) -> DiscreteVPDenoiser:
-    if not cfg.get("path"):
-        raise ValueError("teacher.kind=diffusers needs teacher.path (a UNet2DModel or pipeline folder)")
-    return from_diffusers(cfg["path"], prediction=cfg.get("prediction"), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
+    """`teacher.kind=diffusers`: the UNet2DModel folder at `path`, or hub model `hub_id` fetched into the Hugging Face
+    cache (`teachers.hub.fetch_hub_model`: configs and safetensors only, offline a clear error at once)."""
+    path = cfg.get("path")
+    if not path and cfg.get("hub_id"):
+        import importlib.util
+
+        if importlib.util.find_spec("diffusers") is None:  # the package first (found without importing it)
+            _import_diffusers()
+        from teachers.hub import fetch_hub_model
+
+        path = fetch_hub_model(str(cfg["hub_id"]), revision=cfg.get("revision"),
+                               timeout=float(_get(cfg, "timeout", 10.0)))
+    if not path:
+        raise ValueError("teacher.kind=diffusers needs teacher.path (a UNet2DModel or pipeline folder) or "
+                         "teacher.hub_id (a Hugging Face hub model, e.g. google/ddpm-cifar10-32)")
+    return from_diffusers(path, prediction=cfg.get("prediction"), sigma_data=float(_get(cfg, "sigma_data", 0.5)),
                           clamp=bool(_get(cfg, "clamp", False)), t_mode=str(_get(cfg, "t_mode", "interpolate")),
                           device=device)

@@ -99,6 +99,10 @@ class EDMDenoiser(nn.Module):
         emb = getattr(self.backbone, "cond_emb", None)
         return getattr(emb, "kind", "none")
 
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(getattr(self.backbone, "cond_emb", None), "num_classes", None)
+
     # -- the denoiser -----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, sigma: float | Tensor, cond: Any = None) -> Tensor:
         check_batch(x)

@@ -31,7 +31,7 @@ from torch import nn
 from teachers.edm import EDMDenoiser
 
 __all__ = ["FORMAT", "TEACHER_KINDS", "teacher_kind", "save_teacher", "load_teacher", "load_teacher_checkpoint",
-           "strict_bool"]
+           "strict_bool", "TEACHER_NETWORKS", "teacher_network", "network_spec", "build_network", "conditioning"]
 
 FORMAT = "fkdiff.teacher/1"
 _HOW_TO_TRAIN = ("train one with `python -m teachers.train recipe=<name>` (it writes <run_dir>/teacher.pt) and point "
@@ -139,6 +139,68 @@ def _load_analytic(cfg: Mapping, device):
     if isinstance(preset, str):
         return make_preset(preset, **kw)
     return [make_preset(p, **kw) for p in preset]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# teacher networks as plain data: a student over a copy of its teacher's network (fkdiff.energy.student_from_teacher)
+# records the architecture (no weights) so that its student.pt can be rebuilt without the teacher's files.
+
+
+NetworkSpecFn = Callable[[Any], "dict | None"]
+NetworkBuildFn = Callable[[Mapping], nn.Module]
+TEACHER_NETWORKS: dict[str, tuple[NetworkSpecFn, NetworkBuildFn]] = {}
+
+
+def teacher_network(name: str) -> Callable:
+    """Register `(spec_fn, build_fn)` for the denoisers of one kind: `spec_fn(teacher)` returns a plain-data dict
+    describing its architecture (or None: not this kind), `build_fn(spec)` the denoiser module with that architecture
+    (its weights are then loaded from a state_dict). Only trusted code runs: the spec names no module to import."""
+
+    def register(fns):
+        if name in TEACHER_NETWORKS:
+            raise ValueError(f"teacher network kind {name!r} is registered twice")
+        TEACHER_NETWORKS[name] = fns
+        return fns
+
+    return register
+
+
+def network_spec(teacher: Any) -> dict | None:
+    """The plain-data architecture of `teacher`'s network (`{"kind": ..., ...}`), or None when no registered kind
+    describes it (then a student over a copy can be trained but not rebuilt without the teacher itself)."""
+    import teachers.adapters  # noqa: F401  (registers the diffusers kind)
+
+    for name, (spec_fn, _) in TEACHER_NETWORKS.items():
+        spec = spec_fn(teacher)
+        if spec is not None:
+            return {"kind": name, **spec}
+    return None
+
+
+def build_network(spec: Mapping) -> nn.Module:
+    """The denoiser module described by `network_spec(...)`'s dict, with fresh weights."""
+    import teachers.adapters  # noqa: F401
+
+    kind = spec.get("kind")
+    if kind not in TEACHER_NETWORKS:
+        raise ValueError(f"unknown teacher network kind {kind!r}; registered: {', '.join(TEACHER_NETWORKS)}")
+    return TEACHER_NETWORKS[kind][1]({k: v for k, v in spec.items() if k != "kind"})
+
+
+def _edm_spec(teacher: Any) -> dict | None:
+    if isinstance(teacher, EDMDenoiser) and teacher.spec is not None:
+        return {"spec": dict(teacher.spec)}
+    return None
+
+
+teacher_network("edm")((_edm_spec, lambda spec: EDMDenoiser.from_spec(spec["spec"])))
+
+
+def conditioning(teacher: Any) -> tuple[str | None, int | None]:
+    """(cond_kind, num_classes) a teacher declares (`cond_kind` "none" | "class" | "position"), or (None, None) when
+    it declares nothing (a network given as code: the data's conditioning is assumed)."""
+    kind = getattr(teacher, "cond_kind", None)
+    return (None, None) if kind is None else (str(kind), getattr(teacher, "num_classes", None))
 
 
 def load_teacher(source: Any, device: torch.device | str | None = None):

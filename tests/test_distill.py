@@ -14,7 +14,6 @@ import torch
 from fkdiff.distill import distill
 from fkdiff.distillation import DenoiserMatchingLoss, StepBatches, denoiser_error_by_bucket, teacher_asymmetry
 from fkdiff.energy import build_student, load_energy
-from conftest import write_cifar
 from fkdiff.recipes import available_recipes, compose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,8 +213,7 @@ def test_wandb_offline_run_files_and_validation_plots(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------- recipes
 
 
-IMAGE_DATA = {"shapes": ["data.num_samples=64"], "digits": [],
-              "cifar10": ["data.root=__CIFAR__"]}
+IMAGE_DATA = {"shapes": ["data.num_samples=64"], "digits": []}  # cifar10 (a public teacher): tests/test_cifar10.py
 
 
 @pytest.mark.parametrize("recipe", sorted(IMAGE_DATA))
@@ -223,10 +221,8 @@ def test_image_recipes_distil_a_small_teacher(recipe, tmp_path):
     from fkdiff.training import build_datamodule_from_config
     from teachers import EDMDenoiser, save_teacher
 
-    assert set(IMAGE_DATA) | {"toy2d"} <= set(available_recipes())
-    extra = [o.replace("__CIFAR__", str(tmp_path / "cifar")) for o in IMAGE_DATA[recipe]]
-    if recipe == "cifar10":
-        write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", n_per_batch=8)
+    assert set(IMAGE_DATA) | {"toy2d", "cifar10"} <= set(available_recipes())
+    extra = IMAGE_DATA[recipe]
     base = [f"recipe={recipe}", f"run_dir={tmp_path / 'run'}", "logger.kind=csv", "trainer.enable_progress_bar=false",
             "data.batch_size=8", "distill.max_steps=2", "distill.val_every_n_steps=2", "distill.plot.num_steps=2",
             "distill.plot.num_samples=4", "distill.plot.val_examples=8", "distill.diagnostics_every_n_steps=1",

@@ -33,7 +33,7 @@ class SamplePlots(pl.Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx == 0 and not trainer.sanity_checking:
             x0, cond = split_batch(batch)
-            self._batch = (x0.detach().cpu(), cond)
+            self._batch = (x0.detach().cpu(), cond if getattr(pl_module, "conditional", True) else None)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batch, self._batch = self._batch, None

@@ -13,6 +13,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import Tensor
 
 from fkdiff.diffusion import append_dims
@@ -52,7 +53,8 @@ def teacher_asymmetry(teacher: Callable, x: Tensor, sigma: Tensor, cond: Any = N
 
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     x = x.detach()
-    with torch.enable_grad():
+    # fused attention kernels (flash / memory-efficient) have neither forward AD nor double backward: the math kernel
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         try:
             _, jv = torch.func.jvp(score_fn, (x,), (v,))
         except (NotImplementedError, RuntimeError):

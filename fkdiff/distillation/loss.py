@@ -48,23 +48,26 @@ class DenoiserMatchingLoss:
 
     target: "teacher" (distillation, D_teacher(x_sigma)) or "data" (E-DSM, x_0).
     weighting: "edm" (lambda = (sigma^2 + sd^2)/(sigma sd)^2) or "uniform" (lambda = 1/sigma^2, the eps-MSE).
+    sigma_range: (lo, hi) truncates the sigma law to the teacher's range (a DDPM teacher is defined on its schedule's
+    [sigma_0, sigma_{T-1}] only); None: the full log-normal.
     """
 
     def __init__(self, sigma_data: float, target: str = "teacher", p_mean: float = P_MEAN, p_std: float = P_STD,
-                 weighting: str = "edm"):
+                 weighting: str = "edm", sigma_range: tuple[float, float] | None = None):
         if target not in ("teacher", "data"):
             raise ValueError(f"distill.target must be 'teacher' (distillation) or 'data' (E-DSM), got {target!r}")
         if weighting not in ("edm", "uniform"):
             raise ValueError(f"distill.weighting must be 'edm' or 'uniform', got {weighting!r}")
         self.sigma_data, self.target = float(sigma_data), target
         self.p_mean, self.p_std, self.weighting = float(p_mean), float(p_std), weighting
+        self.sigma_range = None if sigma_range is None else (float(sigma_range[0]), float(sigma_range[1]))
 
     def weight(self, sigma: Tensor) -> Tensor:
         return edm_loss_weight(sigma, self.sigma_data) if self.weighting == "edm" else sigma**-2
 
     def draw(self, x0: Tensor, generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor]:
         """(sigma `[B]`, eps `[B, *event]`) for x0's rows of the global batch (`fkdiff.diffusion.sample_training_noise`)."""
-        return sample_training_noise(x0, generator, self.p_mean, self.p_std, shard)
+        return sample_training_noise(x0, generator, self.p_mean, self.p_std, shard, self.sigma_range)
 
     def __call__(self, student: Callable, teacher: Callable | None, x0: Tensor, cond: Any,
                  generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> LossOutput:

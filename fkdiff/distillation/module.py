@@ -40,8 +40,9 @@ class DistillationModule(StepModule):
                  *, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0,
                  warmup_steps: int = 0, seed: int = 0,
                  sigma_buckets: Sequence[float] = (SIGMA_MIN, 0.05, 0.2, 1.0, 5.0, SIGMA_MAX),
-                 diagnostics_every_n_steps: int = 0, run_config: dict | None = None):
+                 diagnostics_every_n_steps: int = 0, run_config: dict | None = None, conditional: bool = True):
         super().__init__(seed)
+        self.conditional = bool(conditional)  # False: the batches' conditions are dropped (an unconditional teacher)
         self.student = student
         self._teacher = _FrozenRef(teacher)
         if isinstance(teacher, torch.nn.Module):
@@ -64,8 +65,12 @@ class DistillationModule(StepModule):
     def configure_optimizers(self):
         return adam_with_warmup(self.student.parameters(), self.lr, self.betas, self.weight_decay, self.warmup_steps)
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
+    def _split(self, batch) -> tuple[Tensor, Any]:
         x0, cond = split_batch(batch)
+        return x0, (cond if self.conditional else None)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x0, cond = self._split(batch)
         out = self.loss_fn(self.student, self.teacher, x0, cond, self.step_generator("noise"), self.shard)
         self._log_losses("train", out, prog_bar=True)
         every = self.diagnostics_every_n_steps
@@ -74,7 +79,7 @@ class DistillationModule(StepModule):
         return out.loss.mean()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x0, cond = split_batch(batch)
+        x0, cond = self._split(batch)
         with torch.enable_grad():
             out = self.loss_fn(self.student, self.teacher, x0, cond, self.step_generator("val", step=batch_idx))
         dsm = edm_loss_weight(out.sigma, self.loss_fn.sigma_data) * (out.denoised.detach() - x0).flatten(1).pow(2).sum(1)

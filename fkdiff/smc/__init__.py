@@ -24,6 +24,7 @@ import torch
 from fkdiff.smc.core import (COLLECTORS, LOCAL, Collector, Population, SMCDegeneracyWarning, SMCError, SMCResult,
                              SMCState, StepInfo, run_smc, smc_step)
 from fkdiff.smc.diffusion_fk import DiffusionFK, noise_levels
+from fkdiff.smc.islands import Islands
 from fkdiff.smc.fk import FeynmanKac, MCMCTarget, Particles
 from fkdiff.smc.potentials import Box, Level, LogPotential, LowTemperature, Polytope, Potential, log_ndtr_diff
 from fkdiff.smc.resampling import RESAMPLERS, get_resampler, multinomial, residual, stratified, systematic
@@ -31,7 +32,7 @@ from fkdiff.smc.weights import Weights
 
 __all__ = [
     "sample", "distributed", "SMCResult", "SMCError", "SMCDegeneracyWarning", "SMCState", "StepInfo", "smc_step",
-    "run_smc", "Population", "Collector", "COLLECTORS",
+    "run_smc", "Population", "Collector", "COLLECTORS", "Islands", "adaptive",
     "DiffusionFK", "FeynmanKac", "MCMCTarget", "Particles", "noise_levels",
     "Box", "Level", "LogPotential", "LowTemperature", "Polytope", "Potential", "log_ndtr_diff",
     "RESAMPLERS", "get_resampler", "multinomial", "residual", "stratified", "systematic", "Weights",
@@ -51,7 +52,7 @@ def sample(
     mcmc: Any = None,
     resample: str = "systematic",
     ess_threshold: float = 0.5,
-    mode: str = "sampler",
+    mode: str | None = None,
     final_denoise: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -66,6 +67,7 @@ def sample(
     randn: Callable[..., torch.Tensor] | None = None,
     population: Population | None = None,
     num_steps: int | None = None,
+    budget: float | None = None,
 ) -> SMCResult:
     """Feynman–Kac SMC from N(0, sigma_max^2 I) down to sigma_min for `target` (DESIGN.md section 5).
 
@@ -79,7 +81,11 @@ def sample(
                     (adaptive) resampling, invariant for gamma_t; None = plain SMC
     resample        "systematic" | "stratified" | "residual" | "multinomial" or a resampler callable
     ess_threshold   resample when ESS < ess_threshold * N (0: never, 1: every level)
-    mode            "sampler" (exact kernel-ratio weights, targets exp(-E(x, sigma_t)) * potentials at every level),
+    budget          target evaluations per particle (pilot included): with no num_levels / sigmas given, the
+                    budget-driven default (fkdiff.smc.adaptive): levels placed from a pilot run's conditional ESS,
+                    HMC rejuvenation, low temperature run twisted, island log Z error bars; `result.plan` says
+                    what it chose and how many evaluations it used (sigma_max / sigma_min default to EDM's 80 / 0.002)
+    mode            (default "sampler") "sampler" (exact kernel-ratio weights, targets exp(-E(x, sigma_t)) * potentials at every level),
                     "twisted" (telescoping potentials on the proposal's own law) or "none" (no weights, no log Z:
                     the baselines of fkdiff.samplers)
     final_denoise   return D(x, sigma_min) = x + sigma_min^2 score (hard potentials are enforced on it)
@@ -98,6 +104,25 @@ def sample(
     num_levels = _num_levels(num_levels, num_steps)
     if device is None and generator is not None:
         device = generator.device
+    if mode is not None:
+        _warn_low_temperature(target, mode, mcmc)
+    if budget is not None and num_levels is None and sigmas is None:
+        from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN
+
+        return adaptive.sample_with_budget(
+            target, num_particles, budget=budget, shape=shape,
+            sigma_max=SIGMA_MAX if sigma_max is None else sigma_max,
+            sigma_min=SIGMA_MIN if sigma_min is None else sigma_min, generator=generator, mode=mode, mcmc=mcmc,
+            potentials=potentials, population=population, rho=rho,
+            engine=dict(resample=resample, ess_threshold=ess_threshold, progress=progress),
+            fk_kwargs=dict(proposal=proposal, final_denoise=final_denoise, proposal_variance=proposal_variance,
+                           init_std=init_std, max_batch=max_batch, dtype=dtype, eval_dtype=eval_dtype, device=device,
+                           randn=randn))
+    if budget is not None:
+        raise TypeError("give either budget (levels chosen for you) or num_levels / sigmas, not both")
+    if mode is None:
+        mode = "sampler"
+        _warn_low_temperature(target, mode, mcmc)
     fk = DiffusionFK.on_levels(target, num_levels=num_levels, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho,
                                sigmas=sigmas, shape=shape, proposal=proposal, potentials=potentials, mode=mode,
                                final_denoise=final_denoise, proposal_variance=proposal_variance, init_std=init_std,
@@ -105,6 +130,20 @@ def sample(
     return (LOCAL if population is None else population).run(
         fk, num_particles, generator=generator, resample=resample, ess_threshold=ess_threshold, mcmc=mcmc,
         progress=progress)
+
+
+def _warn_low_temperature(target: Any, mode: str, mcmc: Any) -> None:
+    """A low temperature p^beta (beta > 1) in sampler mode is erratic (DESIGN.md 8: mode TV 0.17-0.59 at beta = 4
+    with HMC(1, 3), where twisted + LowTemperature + HMC(4, 3) gives 0.02-0.04): say so, with the fix."""
+    low = adaptive.low_temperature_formulation(target)
+    if low is None or mode != "sampler":
+        return
+    warnings.warn(
+        f"compose.tempered(..., beta={low[1]:g}) in sampler mode with {'no MCMC' if mcmc is None else repr(mcmc)} "
+        "is unreliable (mass must move between modes through the weights alone): use budget=B without num_levels "
+        "(it runs the twisted LowTemperature formulation with 4 HMC steps per level), or mode='twisted', "
+        f"potentials=[fkdiff.smc.LowTemperature({low[1]:g})] on the base target with "
+        "mcmc=fkdiff.mcmc.HMC(num_steps=4)", UserWarning, stacklevel=3)
 
 
 def _num_levels(num_levels: int | None, num_steps: int | None) -> int | None:
@@ -118,4 +157,4 @@ def _num_levels(num_levels: int | None, num_steps: int | None) -> int | None:
     return num_steps
 
 
-from fkdiff.smc import distributed  # noqa: E402  (multi-process SMC; imports this package's names lazily)
+from fkdiff.smc import adaptive, distributed  # noqa: E402  (multi-process SMC; imports this package's names lazily)

@@ -74,6 +74,7 @@ class StepInfo(NamedTuple):
     acceptance: float  # mean MCMC acceptance probability over the alive particles (NaN without MCMC)
     step_size: float  # MCMC step size (NaN without MCMC)
     num_evals: float  # target/proposal evaluations per particle at this level (propagation + MCMC)
+    cess: float = math.nan  # conditional ESS of the incremental weights / N (Zhou, Johansen & Aston 2016)
 
     @property
     def resampled(self) -> bool:
@@ -125,6 +126,7 @@ COLLECTORS: tuple[Collector, ...] = (
     Collector("acceptance", lambda i: i.acceptance, islands=_mean, only="mcmc"),
     Collector("step_size", lambda i: i.step_size, islands=_mean, only="mcmc"),
     Collector("num_evals", lambda i: i.num_evals, islands=_mean),
+    Collector("cess", lambda i: i.cess, islands=_mean, only="weighted"),
 )
 
 
@@ -159,6 +161,23 @@ class Population:
     def row(self, t: Tensor, index: int) -> Tensor:
         """Row `index` (global) of the population's `t` `[n, ...]`, available here."""
         return t[index]
+
+    def resample(self, w: Weights, resampler, ess_threshold: float,
+                 generator: torch.Generator | None) -> tuple[Tensor | None, Tensor | None]:
+        """Adaptive resampling of the whole population's weights `w`: (global ancestors `[N]`, or None when it does
+        not resample; the log-weights held here afterwards, or None for zeros). Default: resample all N together
+        when ESS < kappa N (kappa = ess_threshold; >= 1: every level)."""
+        if ess_threshold >= 1.0 or w.ess < ess_threshold * w.num:
+            return resampler(w.lw, w.num, generator), None
+        return None, None
+
+    def log_Z_relative_variance(self, final: Weights, eve: Tensor, num_resampled: int) -> tuple[float, float]:
+        """(estimate of Var(Z_hat) / Z_hat^2 ~ Var(log Z_hat), degrees of freedom of that estimate (inf: normal
+        interval)): the Lee & Whiteley (2018) genealogy estimator, 1 - (N/(N-1))^{m+1} (1 - sum_i S_i^2), S_i the
+        final weight descending from initial particle i, m the number of resampling events."""
+        n = final.num
+        s = torch.zeros(n, dtype=torch.float64).index_add_(0, eve.to(torch.long).cpu(), final.W.cpu())
+        return 1.0 - (n / (n - 1)) ** (num_resampled + 1) * (1.0 - float((s**2).sum())), math.inf
 
     def run(self, fk: FeynmanKac, num_particles: int, *, generator: torch.Generator | None, **engine) -> "SMCResult":
         """Run the engine on `fk` with this population (what `fkdiff.smc.sample` calls); `engine`: run_smc's options."""
@@ -220,14 +239,17 @@ def smc_step(
             f"all {n} particles have zero weight at {where}: {w.num_invalid} had NaN/inf weights or energies, the "
             "rest had weight zero (e.g. every particle violates a hard constraint)"
         )
-    log_Z = state.log_Z + w.log_norm - float(torch.logsumexp(prev_lw, 0))
+    prev_norm = torch.logsumexp(prev_lw, 0)
+    log_Z = state.log_Z + w.log_norm - float(prev_norm)
+    cess = _cess(prev_lw - prev_norm, lw - prev_lw) if weighted_model(fk) else math.nan
     lw = pop.shard(w.lw)  # sanitised: NaN/+inf -> -inf, so nothing invalid is carried to the next level
     particles, eve, num_res, anc = cur, state.eve, state.num_resampled, None
-    resampled = ess_threshold >= 1.0 or w.ess < ess_threshold * n
+    anc, lw_after = pop.resample(w, resampler, ess_threshold,
+                                 generator if resample_generator is None else resample_generator)
+    resampled = anc is not None
     if resampled:
-        anc = resampler(w.lw, n, generator if resample_generator is None else resample_generator)
         particles, eve = pop.select(cur, eve, anc)
-        lw = torch.zeros_like(lw)
+        lw = torch.zeros_like(lw) if lw_after is None else lw_after
         num_res += 1
     acc, step, evals = math.nan, math.nan, float(fk.num_evals(t)) if hasattr(fk, "num_evals") else 1.0
     mstate = state.mcmc_state
@@ -246,7 +268,22 @@ def smc_step(
         evals += float(info.num_evals) + float(getattr(target, "extra_evals", 0.0))
     new_state = SMCState(particles, lw, log_Z, eve, num_res, mstate)
     return new_state, StepInfo(t=t, weights=w, ancestors=anc if resampled else None,
-                               log_Z_increment=log_Z - state.log_Z, acceptance=acc, step_size=step, num_evals=evals)
+                               log_Z_increment=log_Z - state.log_Z, acceptance=acc, step_size=step, num_evals=evals,
+                               cess=cess)
+
+
+def weighted_model(fk: Any) -> bool:
+    return bool(getattr(fk, "weighted", True))
+
+
+def _cess(prev_log_W: Tensor, log_g: Tensor) -> float:
+    """Conditional ESS of the incremental weights as a fraction of N (Zhou, Johansen & Aston 2016):
+    (sum_n W_{t-1}^n G_t^n)^2 / sum_n W_{t-1}^n (G_t^n)^2 in (0, 1]; 1 when G is constant over the particles."""
+    ok = (prev_log_W > -math.inf) & torch.isfinite(log_g)
+    if not bool(ok.any()):
+        return 0.0
+    a, g = prev_log_W[ok], log_g[ok]
+    return float(torch.exp(2 * torch.logsumexp(a + g, 0) - torch.logsumexp(a + 2 * g, 0)))
 
 
 @dataclass
@@ -270,10 +307,17 @@ class SMCResult:
         acceptance        mean MCMC acceptance (None without MCMC)
         step_size         MCMC step size (None without MCMC)
         num_evals         target/proposal evaluations per particle (propagation + MCMC)
+        cess              conditional ESS of the incremental weights / N, (sum W G)^2 / sum W G^2 (None without
+                          weights): how much the level's own weights degenerate (what the budget-driven schedule
+                          of fkdiff.smc.adaptive measures)
     sigmas            `[T]` noise levels (if the model has them)
     wall_time         seconds
     num_eves          distinct level-0 ancestors among the final particles
     warnings          degeneracy messages (also issued as SMCDegeneracyWarning)
+    log_Z_dof         degrees of freedom of log_Z_var (inf: Lee-Whiteley, normal interval; R - 1 for R islands,
+                      fkdiff.smc.Islands: Student t interval)
+    plan              what a budget-driven run chose (fkdiff.smc.adaptive): budget, used_evaluations (pilot
+                      included), num_levels, schedule, mode, formulation, mcmc, estimator, pilot; None otherwise
     """
 
     samples: Tensor
@@ -285,6 +329,8 @@ class SMCResult:
     wall_time: float
     num_eves: int
     warnings: list[str] = field(default_factory=list)
+    log_Z_dof: float = math.inf
+    plan: dict | None = None
 
     def __getattr__(self, name: str):
         levels = self.__dict__.get("levels")
@@ -327,10 +373,16 @@ class SMCResult:
         return None if self.log_Z_var is None else math.sqrt(max(self.log_Z_var, 0.0))
 
     def log_Z_ci(self, level: float = 0.95) -> tuple[float, float]:
-        """Normal-approximation confidence interval for log Z."""
+        """Confidence interval for log Z: normal, or Student t with `log_Z_dof` degrees of freedom when the variance
+        was estimated from a few independent islands (fkdiff.smc.Islands)."""
         if self.log_Z is None:
             raise ValueError("log Z was not estimated: this sampler's particles carry no weights")
-        z = math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(level, dtype=torch.float64)))
+        if math.isfinite(self.log_Z_dof):
+            from scipy.stats import t as student_t
+
+            z = float(student_t.ppf(0.5 + level / 2, self.log_Z_dof))
+        else:
+            z = math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(level, dtype=torch.float64)))
         return self.log_Z - z * self.log_Z_se, self.log_Z + z * self.log_Z_se
 
     def resample(self, generator: torch.Generator | None = None, num: int | None = None,
@@ -456,7 +508,7 @@ def run_smc(
     eve = pop.gather(state.eve)
     s = torch.zeros(n, dtype=torch.float64).index_add_(0, eve.to(torch.long).cpu(), final.W.cpu())
     num_eves = int((s > 0).sum())
-    rel_var = 1.0 - (n / (n - 1)) ** (state.num_resampled + 1) * (1.0 - float((s**2).sum()))
+    rel_var, dof = pop.log_Z_relative_variance(final, eve, state.num_resampled)
     msgs = _degeneracy_messages(per_level["ess"], per_level["unique_ancestors"], per_level["resampled"], num_eves, n,
                                 collapse_fraction)
     for m in msgs:
@@ -471,4 +523,5 @@ def run_smc(
         wall_time=time.perf_counter() - t0,
         num_eves=num_eves,
         warnings=msgs,
+        log_Z_dof=dof,
     )

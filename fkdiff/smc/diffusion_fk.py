@@ -140,6 +140,7 @@ class DiffusionFK:
         self.randn = torch.randn if randn is None else randn
         self.potentials: list[Potential] = [as_potential(p) for p in potentials]
         self.sigmas = sig
+        self._sigma_values = sig.tolist()  # host floats, read once (sig is a CPU tensor): no tensor reads per level
         self.T = sig.numel()
         self.shape = tuple(int(s) for s in shape)
         self.event_size = math.prod(self.shape)
@@ -171,7 +172,7 @@ class DiffusionFK:
 
     # -- level-t evaluation ------------------------------------------------------------------------------
     def _sigma(self, t: int) -> float:
-        return float(self.sigmas[t])
+        return self._sigma_values[t]
 
     def _sigma_batch(self, t: int, x: Tensor) -> Tensor:
         """sigma_t as the `[N]` tensor the models get, in x's dtype; the levels were validated once (noise_levels),
@@ -280,9 +281,8 @@ class DiffusionFK:
         x = torch.where(_bc(ok, x), x, prev.x)
         log_M = -0.5 * _rowsum64(eps**2) - 0.5 * self.event_size * (_LOG2PI + math.log(v))
         ev = self._arrive(t, x)
-        if not bool(ok.all()):
-            ev["bad"] = ev["bad"] | ~ok
-            ev["log_gamma"] = torch.where(ok, ev["log_gamma"], torch.full_like(ev["log_gamma"], math.nan))
+        ev["bad"] = ev["bad"] | ~ok  # without asking the device whether any row failed (no host sync)
+        ev["log_gamma"] = torch.where(ok, ev["log_gamma"], torch.full_like(ev["log_gamma"], math.nan))
         return self._particles(x, ev, log_M)
 
     def logG(self, t: int, prev: Particles | None, cur: Particles) -> Tensor:
@@ -356,12 +356,10 @@ class _MCMCTarget:
             if ref is None:
                 fields[k] = None
                 continue
-            out = ref.clone()
-            for j in range(1, len(self._memo)):
-                rows = src == j
-                if rows.any():
-                    out[rows] = self._memo[j][1][k][rows]
-            fields[k] = out
+            out = ref
+            for j in range(1, len(self._memo)):  # selects, not masked writes: no host sync per memo entry
+                out = torch.where(_bc(src == j, out), self._memo[j][1][k], out)
+            fields[k] = out.clone() if out is ref else out
         miss = src < 0
         if miss.any():  # a kernel that returned positions it never evaluated: evaluate those rows now
             ev = self.fk.evaluate(self.t, x_new[miss], with_proposal=False)

@@ -1,0 +1,164 @@
+"""Budget-driven SMC (fkdiff.smc.adaptive), the island log Z error bar (fkdiff.smc.Islands) and the conditional ESS
+collector, against closed-form answers. Tolerances as in tests/test_smc.py: 4.5 standard deviations of a spread
+measured over seeds (noted at each check)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from fkdiff import compose, smc
+from fkdiff.smc.adaptive import low_temperature_formulation, place_levels
+from fkdiff.smc.core import _cess
+from fkdiff.smc.islands import island_disagreement
+from fkdiff.smc.weights import Weights
+from teachers.analytic import gmm_product
+from teachers.presets import gaussian, ring8
+
+SMIN = 0.002
+
+
+def _product():
+    a = gaussian([1.0, 0.0], [[0.5, 0.2], [0.2, 0.3]])
+    b = gaussian([0.0, 1.0], 0.4)
+    return compose.product(a, b), gmm_product(a, b, SMIN)[1]
+
+
+# -- the level placement ---------------------------------------------------------------------------------------------
+def test_place_levels_follows_the_measured_degeneracy():
+    pilot = smc.noise_levels(9, 80.0, SMIN)
+    flat = place_levels(pilot, torch.full((9,), 0.9), 33)
+    assert flat[0] == 80.0 and flat[-1] == SMIN and bool((flat[1:] < flat[:-1]).all())
+    # equal degeneracy everywhere: every pilot interval gets the same number of levels (4 of 32 intervals each),
+    # equally spaced in log sigma
+    assert torch.allclose(flat[::4], pilot, rtol=1e-12)
+    assert torch.allclose(flat[1:5].log().diff(), torch.full((3,), float(pilot[:2].log().diff()) / 4, dtype=torch.float64), rtol=1e-9)
+    # all the degeneracy in pilot interval 6 (sigma 6-1 -> 6): alpha = 0.3 of the levels stay spread, 0.7 go there
+    cess = torch.ones(9)
+    cess[6] = 0.5
+    peaked = place_levels(pilot, cess, 101, alpha=0.3)
+    inside = int(((peaked <= pilot[5]) & (peaked >= pilot[6])).sum())
+    assert 0.7 * 100 < inside <= (0.7 + 0.3 / 8) * 100 + 2, inside
+    assert bool((peaked[1:] < peaked[:-1]).all())
+    with pytest.raises(ValueError):
+        place_levels(pilot, cess, 10, alpha=0.0)
+
+
+def test_conditional_ess():
+    w = torch.log(torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64))
+    assert _cess(w, torch.zeros(3, dtype=torch.float64)) == pytest.approx(1.0)
+    g = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    ws, gs = w.exp(), g.exp()
+    assert _cess(w, g) == pytest.approx(float((ws * gs).sum() ** 2 / (ws * gs**2).sum()), rel=1e-12)
+    # a NaN increment (an invalid particle) is G = 0: the other particles keep 0.75 of the weight, G = 1 on them
+    assert _cess(w, torch.tensor([0.0, math.nan, 0.0], dtype=torch.float64)) == pytest.approx(0.75)
+
+
+# -- the island estimator --------------------------------------------------------------------------------------------
+def test_island_variance_formula():
+    isl = smc.Islands(4)
+    eve = torch.arange(8)
+    equal = Weights(torch.zeros(8, dtype=torch.float64))
+    assert isl.log_Z_relative_variance(equal, eve, 3) == (pytest.approx(0.0, abs=1e-30), 3.0)
+    # islands holding 0.1, 0.2, 0.3, 0.4 of the weight: Z_r / Z_bar = 0.4, 0.8, 1.2, 1.6
+    lw = torch.log(torch.tensor([0.05, 0.05, 0.1, 0.1, 0.15, 0.15, 0.2, 0.2], dtype=torch.float64))
+    v, dof = isl.log_Z_relative_variance(Weights(lw), eve, 3)
+    assert v == pytest.approx((0.36 + 0.04 + 0.04 + 0.36) / 12) and dof == 3.0
+    with pytest.raises(ValueError):
+        smc.Islands(1)
+    with pytest.raises(ValueError):
+        isl.local_size(10)
+
+
+def test_islands_resample_within_island_and_keep_their_weight():
+    isl = smc.Islands(2)
+    lw = torch.tensor([0.0, -50.0, 0.0, 0.0], dtype=torch.float64)  # island 0 degenerate, island 1 not
+    anc, after = isl.resample(Weights(lw), smc.systematic, 0.6, torch.Generator().manual_seed(0))  # ESS 1 < 1.2
+    assert anc.tolist() == [0, 0, 2, 3]
+    assert after[:2].tolist() == pytest.approx([math.log(0.5)] * 2)  # island 0's total weight, shared equally
+    assert after[2:].tolist() == [0.0, 0.0]
+    assert torch.logsumexp(after, 0) == pytest.approx(float(torch.logsumexp(lw, 0)))
+    assert isl.resample(Weights(torch.zeros(4, dtype=torch.float64)), smc.systematic, 0.5, None) == (None, None)
+
+
+def test_islands_never_exchange_particles():
+    seen = []
+
+    class Recording(smc.Islands):
+        def resample(self, w, resampler, ess_threshold, generator):
+            anc, after = super().resample(w, resampler, ess_threshold, generator)
+            seen.append(anc)
+            return anc, after
+
+    target, _ = _product()
+    res = smc.sample(target, 64, shape=(2,), num_levels=20, sigma_max=20.0, sigma_min=SMIN, ess_threshold=1.0,
+                     generator=torch.Generator().manual_seed(0), population=Recording(4))
+    rows = torch.arange(64) // 16
+    assert len(seen) == 20 and all(a is not None and bool((a // 16 == rows).all()) for a in seen)
+    assert res.log_Z_dof == 3.0 and res.log_Z_var > 0
+
+
+def test_island_disagreement_flags_islands_that_put_the_mass_in_different_places():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8 * 500, 2, generator=g, dtype=torch.float64)
+    lw = torch.zeros(8 * 500, dtype=torch.float64)
+    # same law in every island: chi^2_14 / 14 (two coordinates, 7 dof each); its 0.9999 quantile is 3.0
+    assert island_disagreement(x, lw, 8) < 3.0
+    shifted = x.clone()
+    shifted[: 4 * 500, 0] += 1.0  # half of the islands found a mode one unit to the right
+    # expected (Var(1,1,1,1,0,0,0,0) / (1 / 500) + 1) / 2 = (0.286 * 500 + 1) / 2 = 72
+    assert island_disagreement(shifted, lw, 8) > 40.0
+    lw[:500] = -math.inf  # an island without weight
+    assert math.isnan(island_disagreement(x, lw, 8))
+
+
+# -- the budget --------------------------------------------------------------------------------------------------
+def test_budget_is_respected_and_recorded():
+    target, log_z = _product()
+    res = smc.sample(target, 1024, shape=(2,), budget=300, generator=torch.Generator().manual_seed(0))
+    plan = res.plan
+    assert plan["budget"] == 300 and 0.9 * 300 <= plan["used_evaluations"] <= 300
+    assert plan["used_evaluations"] == pytest.approx(res.nfe + plan["pilot"]["evaluations_per_particle"])
+    assert plan["num_levels"] == len(res.sigmas) and plan["schedule"].startswith("adaptive")
+    assert plan["estimator"] == "islands(8)" and res.log_Z_dof == 7.0
+    assert float(res.sigmas[0]) == 80.0 and float(res.sigmas[-1]) == SMIN
+    assert res.levels["cess"] is not None and bool((res.cess > 0).all() and (res.cess <= 1 + 1e-12).all())
+    # spread of log Z over 50 seeds of this call (benchmarks/smc_coverage.py, gauss2d islands): sd 0.18; 4.5 sd
+    assert abs(res.log_Z - log_z) < 4.5 * 0.18, (res.log_Z, log_z)
+    assert res.plan["island_disagreement"] < 10.0
+    with pytest.raises(ValueError, match="budget"):
+        smc.sample(target, 64, shape=(2,), budget=20)
+    with pytest.raises(TypeError, match="not both"):
+        smc.sample(target, 64, shape=(2,), budget=100, num_levels=10, sigma_max=80.0, sigma_min=SMIN)
+
+
+def test_budget_low_temperature_runs_twisted_and_explicit_sampler_mode_warns():
+    base = ring8()
+    t = compose.tempered(base, 3.0)
+    assert low_temperature_formulation(t)[0] is base and low_temperature_formulation(compose.tempered(base, 0.5)) is None
+    res = smc.sample(t, 256, shape=(2,), budget=200, generator=torch.Generator().manual_seed(0))
+    assert res.plan["mode"] == "twisted" and "LowTemperature(3)" in res.plan["formulation"]
+    assert res.plan["used_evaluations"] <= 200
+    with pytest.warns(UserWarning, match="LowTemperature"):
+        smc.sample(t, 64, shape=(2,), num_levels=5, sigma_max=80.0, sigma_min=SMIN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        smc.sample(t, 64, shape=(2,), num_levels=5, sigma_max=80.0, sigma_min=SMIN, mode="twisted")
+
+
+@pytest.mark.slow
+def test_island_interval_coverage():
+    """Coverage of the reported 95% interval over 50 seeds of the budget default (benchmarks/smc_coverage.py measured
+    43/50 = 86% on this target; Lee-Whiteley 46/50 here, 37/50 on a 2D GMM product where islands gave 44/50). The
+    bound 0.74 is 2.4 binomial standard deviations below 86%: it fails for an estimator that understates the spread
+    by the 1.8x of Lee-Whiteley on the GMM product."""
+    target, log_z = _product()
+    covered = 0
+    for seed in range(50):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = smc.sample(target, 1024, shape=(2,), budget=300, generator=torch.Generator().manual_seed(seed))
+        lo, hi = res.log_Z_ci(0.95)
+        covered += lo <= log_z <= hi
+    assert covered >= 37, covered

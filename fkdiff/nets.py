@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NoiseEmbedding", "CondEmbedding", "MLP", "UNet", "build_backbone"]
+__all__ = ["NoiseEmbedding", "CondEmbedding", "MLP", "UNet", "build_backbone", "coordinate_channels", "position_map"]
 
 
 class NoiseEmbedding(nn.Module):
@@ -197,19 +197,52 @@ class _Attention2d(nn.Module):
         return h + self.proj(out)
 
 
+def coordinate_channels(batch: int, height: int, width: int, device=None, dtype=None) -> Tensor:
+    """`[B, 2, H, W]`: the (x, y) position of every pixel centre in [-1, 1] (x along the width, y along the height,
+    `grid_sample(align_corners=False)` convention, the same as the `shapes` position condition)."""
+    x = (2 * torch.arange(width, device=device, dtype=dtype) + 1) / width - 1
+    y = (2 * torch.arange(height, device=device, dtype=dtype) + 1) / height - 1
+    grid = torch.stack([x[None, :].expand(height, width), y[:, None].expand(height, width)])
+    return grid[None].expand(batch, 2, height, width)
+
+
+def position_map(cond: Tensor | None, batch: int, height: int, width: int, device=None, dtype=None) -> Tensor:
+    """`[B, 1, H, W]`: a Gaussian bump of one pixel's width at each requested position `cond` `[B, 2]` ((x, y) in
+    [-1, 1], `coordinate_channels` convention), exp(-d^2 / 2) with d the distance in pixels; zeros for the null
+    condition (a NaN row, or cond None)."""
+    grid = coordinate_channels(batch, height, width, device, dtype)
+    if cond is None:
+        return torch.zeros(batch, 1, height, width, device=device, dtype=dtype)
+    cond = torch.as_tensor(cond, device=device, dtype=dtype)
+    null = torch.isnan(cond).any(1)
+    p = torch.nan_to_num(cond, nan=0.0)[:, :, None, None]  # [B, 2, 1, 1]
+    scale = torch.tensor([width / 2.0, height / 2.0], device=device, dtype=dtype)[None, :, None, None]  # -> pixels
+    d2 = ((grid - p) * scale).pow(2).sum(1, keepdim=True)
+    return torch.where(null[:, None, None, None], torch.zeros_like(d2), torch.exp(-0.5 * d2))
+
+
 class UNet(nn.Module):
-    """Small UNet `F(u [B, C, H, W], c_noise [B], cond) -> [B, C, H, W]`; H and W divisible by 2^(levels-1)."""
+    """Small UNet `F(u [B, C, H, W], c_noise [B], cond) -> [B, C, H, W]`; H and W divisible by 2^(levels-1).
+
+    `position_map=True` (position conditions `[B, 2]` only) also gives the condition spatially: `position_map(cond)`,
+    a bump at the requested position, is appended to the input of the first convolution. Through the FiLM embedding
+    alone, a small convolutional net sees absolute positions only via its zero padding and does not learn to place
+    an object at the requested position (measured on `shapes_small`: detector accuracy at chance after 1500 steps,
+    also with (x, y) coordinate channels after 600). The output is still a function of u for a fixed condition.
+    """
 
     def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 64), num_res_blocks: int = 1,
                  emb_dim: int = 128, attention: bool = False, cond_kind: str = "none",
                  num_classes: int | None = None, cond_dim: int | None = None, zero_init: bool = True,
-                 noise_scale: float = 250.0):
+                 noise_scale: float = 250.0, position_map: bool = False):
         super().__init__()
         channels = tuple(channels)
-        self.in_channels, self.levels = in_channels, len(channels)
+        if position_map and (cond_kind != "position" or cond_dim != 2):
+            raise ValueError(f"position_map needs cond_kind='position' with cond_dim=2, got {cond_kind!r}, {cond_dim}")
+        self.in_channels, self.levels, self.position_map = in_channels, len(channels), bool(position_map)
         self.noise_emb = NoiseEmbedding(emb_dim, scale=noise_scale)
         self.cond_emb = CondEmbedding(cond_kind, emb_dim, num_classes, cond_dim)
-        self.inp = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.inp = nn.Conv2d(in_channels + self.position_map, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         skips = [channels[0]]
@@ -247,6 +280,8 @@ class UNet(nn.Module):
         if u.shape[2] % f or u.shape[3] % f:
             raise ValueError(f"UNet with {self.levels} levels needs H and W divisible by {f}, got {tuple(u.shape[2:])}")
         emb = _embed(self.noise_emb, self.cond_emb, u, c_noise, cond)
+        if self.position_map:
+            u = torch.cat([u, position_map(cond, u.shape[0], u.shape[2], u.shape[3], u.device, u.dtype)], 1)
         h = self.inp(u)
         hs = [h]
         blocks = iter(self.down)

@@ -2,7 +2,8 @@
 
 `samples_figure`: for 2D samples, the target density exp(-E(x, sigma_min)) on a grid with the equally weighted SMC
 samples over it (and, optionally, another sampler's points beside them); for image samples `[N, C, H, W]` in
-[-1, 1], a grid of up to 64 of them. `diagnostics_figure`: ESS after weighting, unique ancestors and MCMC acceptance
+[-1, 1], a grid of up to 64 of them (`image_grid`), other samplers' grids beside it.
+`diagnostics_figure`: ESS after weighting, unique ancestors and MCMC acceptance
 per level (level 0 = sigma_max, the last = sigma_min). Both return a matplotlib Figure (Agg backend); `save` writes
 and closes one.
 """
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["samples_figure", "diagnostics_figure", "save"]
+__all__ = ["samples_figure", "image_grid", "diagnostics_figure", "save"]
 
 
 def _pyplot():
@@ -31,7 +32,7 @@ def _pyplot():
 def samples_figure(target: Any, samples: Tensor, *, sigma: float, lim: float = 1.5, others: dict | None = None,
                    title: str | None = None, max_batch: int | None = None, grid: int = 200):
     """2D `samples` `[N, 2]` over exp(-E(x, sigma)) of `target` on [-lim, lim]^2, one panel per entry of `others`
-    (name -> points `[M, 2]`) beside them; images `[N, C, H, W]`: a grid. None for other shapes."""
+    (name -> points `[M, 2]`) beside them; images `[N, C, H, W]`: a grid per panel. None for other shapes."""
     plt = _pyplot()
     x = samples.detach().cpu().float()
     if x.ndim == 2 and x.shape[1] == 2:
@@ -53,20 +54,33 @@ def samples_figure(target: Any, samples: Tensor, *, sigma: float, lim: float = 1
             ax.set_xlim(-lim, lim)
             ax.set_ylim(-lim, lim)
     elif x.ndim == 4:
-        k = min(64, x.shape[0])
-        side = int(math.ceil(math.sqrt(k)))
-        fig, axes = plt.subplots(side, side, figsize=(side, side), squeeze=False)
-        for i, ax in enumerate(axes.flat):
+        panels = [("SMC (this run, resampled)", x)]
+        panels += [(name, o.detach().cpu().float()) for name, o in (others or {}).items()]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), squeeze=False)
+        for ax, (name, imgs) in zip(axes[0], panels):
             ax.axis("off")
-            if i < k:
-                img = ((x[i].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).numpy()
-                ax.imshow(img, cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
+            grid = image_grid(imgs[:64])
+            ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if grid.shape[-1] == 1 else None, vmin=0, vmax=1)
+            ax.set_title(name, fontsize=9)
     else:
         return None
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def image_grid(x: Tensor, pad: int = 1) -> Tensor:
+    """Images `[B, C, H, W]` in [-1, 1] tiled into one `[rows (H + pad), cols (W + pad), C]` array in [0, 1] (a square
+    grid, row-major, gaps mid-grey)."""
+    x = ((x.detach().cpu().float().clamp(-1, 1) + 1) / 2)
+    b, c, h, w = x.shape
+    k = max(1, int(math.ceil(math.sqrt(b))))
+    out = torch.full((k * (h + pad), k * (w + pad), c), 0.5)
+    for i in range(b):
+        r, q = divmod(i, k)
+        out[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = x[i].permute(1, 2, 0)
+    return out
 
 
 def diagnostics_figure(result: Any):

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -145,23 +146,40 @@ def run(cfg: DictConfig) -> dict:
     if island_log_z is not None:
         diag["island_log_Z"] = island_log_z.tolist()
     baseline = None
-    if opt["compare_reverse_diffusion"] and shape == (2,):  # the naive summed-score sampler on the same levels
+    baseline_name = "naive reverse diffusion"
+    if opt["compare_reverse_diffusion"] and (shape == (2,) or len(shape) == 3):
+        # the naive summed-score sampler: 2D on the same levels; images with as many levels as SMC made target
+        # evaluations per particle (equal evaluations: SMC + MCMC costs several per level)
+        rd_levels = num_levels if shape == (2,) else max(2, int(round(result.nfe)))
         baseline = samplers.reverse_diffusion(
-            target, opt["num_particles"], shape=shape, num_levels=num_levels, sigma_max=float(opt["sigma_max"]),
+            target, int(opt["num_particles"]), shape=shape, num_levels=rd_levels, sigma_max=float(opt["sigma_max"]),
             sigma_min=float(opt["sigma_min"]), device=device, max_batch=opt.get("max_batch"),
-            generator=torch.Generator(device=device).manual_seed(int(cfg.seed) + 1))
+            init_std=opt.get("init_std"), generator=torch.Generator(device=device).manual_seed(int(cfg.seed) + 1))
         saved["reverse_diffusion"] = baseline.samples.cpu()
+        diag["reverse_diffusion_levels"] = rd_levels
+        if len(shape) == 3:
+            baseline_name = f"naive reverse diffusion ({rd_levels} levels, equal evaluations)"
     atomic_torch_save(saved, run_dir / "samples.pt")
     if opt["plot"]["enabled"]:
         fig = plotting.samples_figure(target, equal, sigma=float(opt["sigma_min"]), lim=float(opt["plot"]["lim"]),
-                                      others=None if baseline is None else {"naive reverse diffusion": baseline.samples},
-                                      title=f"{opt['target']}  ({result.report()})", max_batch=opt.get("max_batch"))
+                                      others=None if baseline is None else {baseline_name: baseline.samples},
+                                      title=f"{opt['target']}{_conditions(specs, opt['target'])}\n{result.report()}",
+                                      max_batch=opt.get("max_batch"))
         if fig is not None:
             plotting.save(fig, run_dir / "samples.png")
         plotting.save(plotting.diagnostics_figure(result), run_dir / "diagnostics.png")
     atomic_write_text(run_dir / DONE, json.dumps(_jsonable(diag), indent=2))  # last: the folder is complete
     print(f"[fkdiff.sample] {opt['target']}: {result.report()}, results in {run_dir}")
     return diag
+
+
+def _conditions(specs: dict, expr: str) -> str:
+    """'  [name: cond ...]' for the models of the expression `expr` with a bound condition (the figure title),
+    else ''."""
+    used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(expr)))
+    conds = [f"{name}: {spec['cond']}" for name, spec in specs.items()
+             if spec.get("cond") is not None and name in used]
+    return f"  [{', '.join(conds)}]" if conds else ""
 
 
 def _init_distributed(device: torch.device, timeout: float | None = None) -> tuple[torch.device, bool]:

@@ -114,7 +114,8 @@ def test_help_lists_groups_recipes_and_key_options():
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
     assert "This is the distill entry point" in out
-    for line in ("recipe: cifar10, digits, shapes, toy2d", "teacher: analytic, checkpoint, diffusers, edm_pickle, ve, vp",
+    for line in ("recipe: cifar10, digits, digits_small, digits_small_compose, shapes, shapes_small, toy2d",
+                 "teacher: analytic, checkpoint, diffusers, edm_pickle, ve, vp",
                  "logger: csv, none, tensorboard, wandb", "data: cifar10, digits, moons, shapes, toy2d"):
         assert line in out, out
     for key in ("distill.max_steps", "teacher.path", "distill.ckpt_path=last", "--cfg job"):

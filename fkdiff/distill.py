@@ -280,9 +280,21 @@ def _finalise(cfg: DictConfig, name: str, student, teacher, warm: bool, step: in
             result["energy_errors"] = _plain(
                 energy_gap_error_by_bucket(student, teacher, x0, list(dcfg.sigma_buckets), g))
     if ev.get("enabled", True) and teacher is not None and int(ev.get("level_samples") or 0) > 0:
-        result["levels"] = _plain(_level_report(student, teacher, ev, list(dcfg.sigma_buckets), dm, int(cfg.seed)))
+        edges = _edges_within(list(dcfg.sigma_buckets), _sigma_range(cfg, teacher))  # the teacher is asked there
+        result["levels"] = _plain(_level_report(student, teacher, ev, edges, dm, int(cfg.seed)))
     atomic_write_json(sub / RESULT, result)
     return _run_from_result(result, name, teacher, sub, student)
+
+
+def _edges_within(edges: list, sigma_range: tuple[float, float] | None) -> list:
+    """Bucket edges cut to the teacher's sigma range (None: unchanged): the outer edges move inside, edges outside
+    are dropped."""
+    if sigma_range is None:
+        return edges
+    lo, hi = max(float(edges[0]), sigma_range[0]), min(float(edges[-1]), sigma_range[1])
+    if not lo < hi:
+        raise ValueError(f"distill.sigma_buckets {edges} do not overlap the teacher's sigma range {sigma_range}")
+    return [lo, *[float(e) for e in edges if lo < e < hi], hi]
 
 
 def _module_or_none(teacher):
@@ -326,7 +338,8 @@ def _level_report(student, teacher, ev: Mapping, edges: list, dm, seed: int) -> 
         x0, cond = teacher.sample(n, generator=g).float(), None
     else:
         x0, cond = split_batch(next(iter(dm.val_dataloader())))
-        x0, cond = x0[:n], (None if cond is None else cond[:n])
+        conditional = getattr(student, "cond_kind", "none") not in (None, "none")  # else the labels are dropped
+        x0, cond = x0[:n], (cond[:n] if conditional and cond is not None else None)
     x0 = x0.to(next(student.parameters()).device)
     integrated = ev.get("integrated", "auto")
     integrated = not callable(getattr(teacher, "energy", None)) if integrated == "auto" else bool(integrated)

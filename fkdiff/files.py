@@ -129,7 +129,7 @@ def weights_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
             raise TypeError(f"weights_checksum: {name} is a {type(t).__name__}, not a tensor")
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
 
 

@@ -43,12 +43,14 @@ denoiser alone (`teacher_relative_energy`) and the 2D composition check. The ter
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fkdiff.diffusion import append_dims, as_sigma
 
@@ -108,6 +110,12 @@ def teacher_time_score(teacher: Callable, x: Tensor, sigma: Tensor, cond: Any = 
     return (-(sq + div - d)).to(out_dtype)
 
 
+def _double_backward_kernels(create_graph: bool):
+    """Attention through the math kernel when the derivatives keep their graph (the fused flash / memory-efficient
+    kernels have no double backward); a no-op otherwise."""
+    return sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
+
+
 def energy_grad_and_time_score(student: Any, x: Tensor, sigma: Tensor, cond: Any = None,
                                create_graph: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """(E `[B]`, grad_x E `[B, *event]`, sigma dE/dsigma `[B]`) of an energy model from one autograd call.
@@ -115,7 +123,7 @@ def energy_grad_and_time_score(student: Any, x: Tensor, sigma: Tensor, cond: Any
     sigma `[B]` enters the graph, so the time score costs nothing beyond the gradient the denoiser needs. With
     `create_graph` both derivatives keep their graph (training: the losses differentiate them w.r.t. theta).
     """
-    with torch.enable_grad():
+    with torch.enable_grad(), _double_backward_kernels(create_graph):
         xg = x.detach().requires_grad_(True)
         sg = as_sigma(sigma, xg).detach().requires_grad_(True)
         e = student.energy(xg, sg) if cond is None else student.energy(xg, sg, cond)
@@ -127,7 +135,7 @@ def energy_grad_and_time_score(student: Any, x: Tensor, sigma: Tensor, cond: Any
 
 def time_score(student: Any, x: Tensor, sigma: Tensor, cond: Any = None, create_graph: bool = True) -> Tensor:
     """sigma dE/dsigma `[B]` of an energy model alone (one forward, one backward to sigma only)."""
-    with torch.enable_grad():
+    with torch.enable_grad(), _double_backward_kernels(create_graph):
         sg = as_sigma(sigma, x).detach().requires_grad_(True)
         e = student.energy(x.detach(), sg) if cond is None else student.energy(x.detach(), sg, cond)
         (gs,) = torch.autograd.grad(e.sum(), sg, create_graph=create_graph)

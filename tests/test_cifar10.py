@@ -59,7 +59,7 @@ def test_unconditional_teacher_gives_an_unconditional_student_in_its_sigma_range
     base = _base(tmp_path, "teacher.hub_id=null", f"teacher.path={folder}", "distill.p_mean=-5.0",
                  "distill.plot.enabled=false")
     with pytest.raises(ValueError, match=r"lies outside this schedule's range \[0.01, 157.4\]"):
-        distill(compose(base + ["distill.sigma_range=full"]))
+        distill(compose(base + ["distill.sigma_range=full", f"run_dir={tmp_path / 'run_full'}"]))
     (run,) = distill(compose(base))
     student = load_energy(run["student_path"])
     x = torch.randn(2, 3, 32, 32)

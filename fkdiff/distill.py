@@ -44,7 +44,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN
-from fkdiff.files import load_torch_file
+from fkdiff.files import load_torch_file, sha256_file
 
 __all__ = ["distill", "build_loss", "main", "StudentRun", "RESULT"]
 
@@ -154,12 +154,6 @@ def _plain(value) -> Any:
     return value
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _finished(sub: Path, max_steps: int) -> dict | None:
     """The result of a student that is done at `max_steps`: its `result.json` (written last, after `student.pt`) with
     the same step, and a `student.pt` whose bytes are the ones it records. None when the student is not done."""
@@ -176,7 +170,7 @@ def _finished(sub: Path, max_steps: int) -> dict | None:
     student = sub / "student.pt"
     if int(result.get("step", -1)) != max_steps or not student.is_file():
         return None
-    return result if _file_sha256(student) == result.get("student_sha256") else None
+    return result if "sha256:" + sha256_file(student) == result.get("student_sha256") else None
 
 
 def _checkpoint_to_resume(ckpt_path: str | None, sub: Path) -> tuple[str, int] | None:
@@ -196,7 +190,7 @@ def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run
     import lightning.pytorch as pl
 
     from fkdiff.distillation import DistillationModule, SamplePlots
-    from fkdiff.training import ConfigError, Preempted, build_logger, build_trainer, finish_logger, fit
+    from fkdiff.training import ConfigError, build_logger, build_trainer, fit
     from fkdiff.training.rundir import is_main_process
 
     dcfg = cfg.distill
@@ -239,16 +233,8 @@ def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run
     timeout = cfg.get("timeout")
     trainer = build_trainer(tr, sub, logger=logger, callbacks=callbacks, ema_decay=dcfg.get("ema_decay"),
                             checkpoint_every_n_steps=dcfg.get("checkpoint_every_n_steps"), timeout=timeout)
-    try:
-        fit(trainer, module, dm, resume[0] if resume else None, timeout=timeout,
-            resume_hint=f"python -m fkdiff.distill run_dir={run_dir} distill.ckpt_path=last")
-    except Preempted:
-        finish_logger(logger, exit_code=Preempted.code)
-        raise
-    except BaseException:
-        finish_logger(logger, exit_code=1)
-        raise
-    finish_logger(logger)
+    fit(trainer, module, dm, resume[0] if resume else None, timeout=timeout,
+        resume_hint=f"python -m fkdiff.distill run_dir={run_dir} distill.ckpt_path=last", logger=logger)
     if not trainer.is_global_zero:
         return StudentRun(name=name, student=student, teacher=teacher, run_dir=str(sub), warm_start=warm,
                           step=int(trainer.global_step))
@@ -269,7 +255,7 @@ def _finalise(cfg: DictConfig, name: str, student, teacher, warm: bool, step: in
     # evaluate the student as written (the in-memory one can differ in non-persistent buffers: EMAWeightAveraging
     # averages buffers too, so a constant such as the noise embedding's frequencies drifts by an ulp)
     student = load_energy(path, teacher=_module_or_none(teacher))
-    result = {"name": name, "step": step, "warm_start": warm, "student_sha256": _file_sha256(path)}
+    result = {"name": name, "step": step, "warm_start": warm, "student_sha256": "sha256:" + sha256_file(path)}
     ev = _container(dcfg.get("eval")) or {}
     if ev.get("enabled", True) and getattr(teacher, "sample", None) is not None:
         # analytic teacher: its denoiser is exact, so this is the student's excess error over the optimum

@@ -41,6 +41,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from fkdiff.files import sha256_file
+
 __all__ = ["FIDUnavailableError", "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "FID_REFS", "to_uint8_edm",
            "inception_weights_path", "inception_features", "FeatureStats", "frechet_distance", "load_reference",
            "smc_images", "fid", "main"]
@@ -82,14 +84,6 @@ def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{p} is not a state_dict of tensors")
     return p
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _import_fidelity():
@@ -290,7 +284,7 @@ def fid(cfg: DictConfig) -> dict:
     mu, sigma = stats.mu_sigma()
     out = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "num_samples": num, "generated": source,
            "reference": ref_desc, "features": "Inception-v3 pool3 (2048), torch-fidelity inception-v3-compat",
-           "weights": str(weights), "weights_sha256": _sha256(weights)}
+           "weights": str(weights), "weights_sha256": sha256_file(weights)}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "fid.json").write_text(json.dumps(out, indent=2))
     print(f"[fkdiff.fid] FID = {out['fid']:.3f} ({num} images vs {ref_desc}); {run_dir / 'fid.json'}")

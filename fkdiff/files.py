@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "load_torch_file",
-           "weights_checksum", "verify_checksum", "CorruptFileError", "ChecksumError"]
+           "sha256_file", "weights_checksum", "verify_checksum", "CorruptFileError", "ChecksumError"]
 
 
 class CorruptFileError(ValueError):
@@ -117,6 +117,15 @@ def load_torch_file(path: str | Path, what: str = "torch file", map_location: An
                else f"is truncated or damaged ({size} bytes)")
         first = str(e).splitlines()[0][:200] if str(e) else "no message"
         raise CorruptFileError(f"{path} {why}, so it is not a readable {what} ({type(e).__name__}: {first})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def weights_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from fkdiff.files import sha256_file
+
 __all__ = ["TeacherUnavailableError", "DDPM_CIFAR10", "DDPM_CIFAR10_UNET_CONFIG", "EDM_CIFAR10",
            "HUB_LAYOUTS", "hub_cache_dir", "fetch_hub_model", "fetch_url", "url_cache_path"]
 
@@ -169,14 +171,6 @@ def url_cache_path(url: str, cache_dir: str | os.PathLike | None = None) -> Path
     return folder / name
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_url(url: str, *, sha256: str | None = None, cache_dir: str | os.PathLike | None = None,
               timeout: float = 10.0, package: str = "NVlabs/edm") -> Path:
     """The cached copy of the file at `url` (module docstring), downloaded on first use; `sha256` (a full hex digest
@@ -184,9 +178,9 @@ def fetch_url(url: str, *, sha256: str | None = None, cache_dir: str | os.PathLi
     dst = url_cache_path(url, cache_dir)
     want = sha256.lower() if sha256 else None
     if dst.is_file():
-        if want is None or _sha256(dst).startswith(want):
+        if want is None or sha256_file(dst).startswith(want):
             return dst
-        raise ValueError(f"{dst} does not match teacher.sha256={sha256} (got {_sha256(dst)}); delete it to download "
+        raise ValueError(f"{dst} does not match teacher.sha256={sha256} (got {sha256_file(dst)}); delete it to download "
                          "it again, or fix the checksum")
     where = (f"On a machine with network download {url} and put it at {dst} (TORCH_HOME moves the torch hub cache "
              f"{dst.parent.parent}), or pass teacher.path=<the file>.")

@@ -31,8 +31,8 @@ def train(cfg: DictConfig) -> Path:
     import lightning.pytorch as pl
 
     from fkdiff.files import load_torch_file
-    from fkdiff.training import (ConfigError, Preempted, TeacherModule, build_datamodule_from_config, build_logger,
-                                 build_trainer, default_checkpoint_interval, finish_logger, fit, open_run,
+    from fkdiff.training import (ConfigError, TeacherModule, build_datamodule_from_config, build_logger,
+                                 build_trainer, default_checkpoint_interval, fit, open_run,
                                  resolve_ckpt_path, save_config, task_trainer_config, teacher_spec)
     from fkdiff.training.rundir import is_main_process
     from fkdiff.training.trainer import explicit_checkpoint_step
@@ -82,16 +82,8 @@ def train(cfg: DictConfig) -> Path:
         timeout = cfg.get("timeout")
         trainer = build_trainer(trainer_cfg, run_dir, logger, ema_decay=tcfg.get("ema_decay"),
                                 checkpoint_every_n_steps=tcfg.get("checkpoint_every_n_steps"), timeout=timeout)
-        try:
-            fit(trainer, module, dm, ckpt, timeout=timeout,
-                resume_hint=f"python -m teachers.train run_dir={run_dir} train_teacher.ckpt_path=last")
-        except Preempted:
-            finish_logger(logger, exit_code=Preempted.code)
-            raise
-        except BaseException:
-            finish_logger(logger, exit_code=1)
-            raise
-        finish_logger(logger)
+        fit(trainer, module, dm, ckpt, timeout=timeout,
+            resume_hint=f"python -m teachers.train run_dir={run_dir} train_teacher.ckpt_path=last", logger=logger)
         if trainer.is_global_zero:  # after fit, EMAWeightAveraging has copied the averaged weights into the module
             save_teacher(module.denoiser, out, step=int(trainer.global_step), data=str(cfg.data.name), config=config)
     return out

@@ -144,6 +144,7 @@ def _ckpt_step(path: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow  # 16 s: tests/test_resume.py kills the default recipe in each student in the default suite
 def test_resume_after_kill_is_exact(tmp_path):
     every = 25
     common = FAST + [f"distill.checkpoint_every_n_steps={every}"]

@@ -409,6 +409,7 @@ def test_plot_options(tmp_path, monkeypatch):
     assert not list((tmp_path / "off").glob("*.png"))
 
 
+@pytest.mark.slow  # 18 s: island resampling is checked in-process by test_smc_distributed in the default suite
 def test_island_resampling_under_torchrun(tmp_path):
     """sample.island=true under torchrun (WORLD_SIZE=2): two independent islands whose log Z are combined; no particle
     crosses ranks. (Global resampling under torchrun: tests/test_smc_distributed.py::test_cli_under_torchrun.)"""

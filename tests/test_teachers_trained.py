@@ -249,6 +249,7 @@ def test_resume_from_last_matches_uninterrupted_run(tmp_path, caplog):
         train(_tiny(tmp_path / "c", 5, "train_teacher.ckpt_path=last"))
 
 
+@pytest.mark.slow  # 25 s: the shared data order is checked under DDP by test_distill in the default suite
 def test_ddp_two_cpu_processes_match_one(tmp_path):
     """`trainer.devices=2 trainer.strategy=ddp` (gloo) through the real entry point: the global batch (StepBatches)
     and its sigma / noise are functions of (seed, step), drawn for the global batch and sliced per rank, so 2 processes

@@ -242,7 +242,21 @@ _TIMEOUT_WORDS = ("timed out", "timeout", "wait timeout")
 
 
 def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None, *,
-        timeout: float | None = None, resume_hint: str = "") -> None:
+        timeout: float | None = None, resume_hint: str = "", logger=None) -> None:
+    """`_fit` (below), then `finish_logger(logger)` with the run's exit code: 143 when preempted, 1 on an error."""
+    try:
+        _fit(trainer, module, datamodule, ckpt_path, timeout=timeout, resume_hint=resume_hint)
+    except Preempted:
+        finish_logger(logger, exit_code=Preempted.code)
+        raise
+    except BaseException:
+        finish_logger(logger, exit_code=1)
+        raise
+    finish_logger(logger)
+
+
+def _fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None, *,
+         timeout: float | None = None, resume_hint: str = "") -> None:
     """`trainer.fit`, loading a checkpoint weights-only (any torch version), with the endings a cluster needs:
 
     - SIGTERM (scheduler preemption): Lightning stops at the end of the current step, `StepCheckpoint` writes

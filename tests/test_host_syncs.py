@@ -28,9 +28,6 @@ from fkdiff.compose import conditioned
 from fkdiff.energy import build_student
 
 READS = ["item", "__float__", "__int__", "__bool__", "tolist", "numpy", "nonzero"]
-# the engine's weights, log Z and resampling, the kernel's acceptance and adaptation, and whether a kernel returned
-# positions the FK model's cache never evaluated (a rare path that then evaluates them)
-BOOKKEEPING = ("smc/weights.py", "smc/core.py", "smc/resampling.py", "mcmc.py", "smc/diffusion_fk.py:particles_at:")
 
 
 @contextlib.contextmanager
@@ -76,18 +73,6 @@ def student():
     return conditioned(st, 1)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("kernel", [None, "hmc"])
-def test_syncs_per_level_are_bookkeeping_only(student, kernel):
-    """No host read per level in the evaluation path (student energy/score, sigma handling, the FK model's moves and
-    caches): every one comes from the weight / log Z / kernel bookkeeping."""
-    per = _per_level(student, (3, 8, 8), mcmc.build({"kind": kernel, "num_leapfrog": 3}) if kernel else None,
-                     max_batch=8)
-    outside = {k: v for k, v in per.items() if not k[1].startswith(BOOKKEEPING)}
-    assert not outside, f"host reads per level outside the bookkeeping: {outside}"
-    assert sum(per.values()) > 0  # the counter sees the engine's reads (the ESS decision at least)
-
-
 # the reads each level may make, by fkdiff source (module docstring), per level
 ALLOWED = {None: {"smc/weights.py:__init__": 1.0},
            "hmc": {"smc/weights.py:__init__": 1.0, "mcmc.py:__call__": 1.0, "mcmc.py:scale_from_mean_squared_grad": 1.0,
@@ -98,9 +83,12 @@ PER_RUN_OR_RESAMPLE = ("smc/resampling.py:_unnormalised", "smc/core.py:_degenera
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("kernel", [None, "hmc"])
 def test_one_read_of_the_weights_per_level(student, kernel):
-    """Each level reads its weights' scalars once (ESS, log Z terms, counts together); the resampler one more time
-    per resampling event; an adapted kernel its step size and, after the move, its acceptance: nothing else."""
-    per = _per_level(student, (3, 8, 8), mcmc.build({"kind": kernel, "num_leapfrog": 3}) if kernel else None)
+    """No host read per level in the evaluation path (student energy/score in chunks of max_batch, sigma handling,
+    the FK model's moves and caches). Each level reads its weights' scalars once (ESS, log Z terms, counts together);
+    the resampler one more time per resampling event; an adapted kernel its step size and, after the move, its
+    acceptance: nothing else."""
+    per = _per_level(student, (3, 8, 8), mcmc.build({"kind": kernel, "num_leapfrog": 3}) if kernel else None,
+                     max_batch=8)
     sites = collections.Counter()
     for (_, where), v in per.items():
         sites[where.rsplit(":", 1)[0]] += v

@@ -255,9 +255,14 @@ def run(device, batch, particles, repeats, precision, channels_last, compile_, l
 
 def table(res) -> str:
     """The markdown table of one run's JSON."""
+    net = "a TINY UNet (--tiny: checks the script, not a figure)" if res.get("tiny") else "DDPM CIFAR-10 UNet"
+    load = " -> ".join(f"{v:.1f}" for v in res.get("load_average_1min", []))
     lines = [f"Machine: {res['machine']}; torch {res['torch']}; {res['precision']}, channels_last "
-             f"{res['channels_last']}, compile {res['compile']}; batch {res['batch']}; DDPM CIFAR-10 UNet "
-             f"({res['parameters'] / 1e6:.1f}M parameters, random weights).", "",
+             f"{res['channels_last']}, compile {res['compile']}; batch {res['batch']}; {net} "
+             f"({res['parameters'] / 1e6:.1f}M parameters, random weights)."
+             + (f" Load average (1 min) {load} over the run: other users' processes share the cores, so absolute "
+                "times inflate; ratios are from the same run; seconds are medians (each repeat in the JSON)."
+                if load else ""), "",
              "| measurement | value |", "|---|---|"]
     lines += [f"| {k} (s) | {v:.3f} |" for k, v in res["seconds"].items()]
     lines += [f"| {k} | {v:.2f}x |" for k, v in res["ratios"].items()]

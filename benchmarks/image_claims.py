@@ -244,6 +244,8 @@ def exp_compose(student, clf, args) -> tuple[list, dict, list[str], str]:
                                             torch.Generator().manual_seed(10_000 + args.seed), max_batch=args.max_batch,
                                             num=32 if args.quick else 256)
         for label, kind, o in compose_rows(args.budget, args.mcmc):
+            if args.rows and not any(r in label for r in args.rows):
+                continue
             lbl = f"{name} {label}"
             row, x, res = run_row(lbl, lambda g, kind=kind, o=o: fns[kind](t, args.num_particles, generator=g,
                                                                             **o, **opts), args.seed)
@@ -541,6 +543,8 @@ def main(argv=None) -> dict:
     p.add_argument("--classifier", default=None, help="a digits classifier (fkdiff.metrics.save_classifier)")
     p.add_argument("--num-particles", type=int, default=None, help="default 256 (compose), 64 (temperature, bound)")
     p.add_argument("--budget", type=float, default=100.0, help="compose: target evaluations per particle per row")
+    p.add_argument("--rows", nargs="+", default=None, help="compose: run only the rows whose label contains one of "
+                   "these (e.g. adaptive)")
     p.add_argument("--save-samples", default=None, help="compose: torch.save every row's samples here (not in git)")
     p.add_argument("--levels", type=int, default=40)
     p.add_argument("--mcmc", default="hmc1", help="rejuvenation: none | hmc<k> (k steps x 3 leapfrog) | mala<k>")

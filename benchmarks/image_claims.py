@@ -155,7 +155,7 @@ def _save_grid(samples: dict[str, torch.Tensor], rows: list[dict], path: Path, t
         img = plotting.image_grid(x[:16], pad=2)  # mid-grey gaps between the images
         ax.imshow(img.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(_row_caption(row), fontsize=7.5)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, max(40, 45 * k)), fontsize=10)
     plotting.save(fig, path)
     torch.save({k: None if v is None else v[:16] for k, v in samples.items()}, path.with_name("grid_samples.pt"))
 

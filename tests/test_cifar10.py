@@ -22,7 +22,7 @@ def _base(tmp_path, *extra):
             "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "data.batch_size=4", "distill.max_steps=3",
             "distill.val_every_n_steps=3", "distill.warmup_steps=1", "distill.plot.num_steps=2",
             "distill.plot.num_samples=2", "distill.plot.val_examples=4", "distill.diagnostics_every_n_steps=1",
-            "distill.num_threads=1", *extra]
+            "distill.eval.level_samples=8", "distill.eval.integrated=false", "distill.num_threads=1", *extra]
 
 
 def test_recipe_distils_the_cached_public_teacher_and_samples_a_class(tmp_path, offline_hf):

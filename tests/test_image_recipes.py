@@ -47,6 +47,7 @@ def trained(tmp_path_factory):
                                   "data.batch_size=8", "distill.max_steps=2", "distill.val_every_n_steps=2",
                                   "distill.plot.num_steps=2", "distill.plot.num_samples=4",
                                   "distill.plot.val_examples=8", "distill.diagnostics_every_n_steps=1",
+                                  "distill.eval.level_samples=16", "distill.eval.integrated=false",
                                   "logger.kind=none", "trainer.enable_progress_bar=false", *extra]))
         out[recipe] = (teacher, Path(run["student_path"]))
     from fkdiff.metrics import save_classifier, train_digits_classifier

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from fkdiff.smc.diffusion_fk import DiffusionFK, noise_levels
 
-__all__ = ["place_levels", "low_temperature_formulation", "sample_with_budget", "DEFAULTS"]
+__all__ = ["place_levels", "low_temperature_formulation", "default_mcmc_steps", "sample_with_budget", "DEFAULTS"]
 
 DEFAULTS = dict(
     num_leapfrog=3,  # HMC leapfrog steps per MCMC step
@@ -87,6 +87,12 @@ def low_temperature_formulation(target: Any) -> tuple[Any, float] | None:
     if isinstance(target, Tempered) and target.beta > 1.0:
         return target.components[0], target.beta
     return None
+
+
+def default_mcmc_steps(target: Any) -> int:
+    """HMC steps per level the plan uses for `target`: 4 for a low temperature p^beta (beta > 1), else 1."""
+    key = "low_temperature_mcmc_steps" if low_temperature_formulation(target) is not None else "mcmc_steps"
+    return int(DEFAULTS[key])
 
 
 def _hmc(num_steps: int, num_leapfrog: int = 3):
@@ -142,6 +148,9 @@ def sample_with_budget(
     if t_total < 8:
         raise ValueError(f"budget={budget:g} evaluations per particle allows only {t_total} levels at {per_level} "
                          "evaluations per level: give a budget of at least " f"{8 * per_level}")
+    if population is not None and not isinstance(population, Islands) and population is not LOCAL:
+        raise NotImplementedError(f"budget= runs in one process (LOCAL or Islands populations), not with "
+                                  f"{type(population).__name__}: give num_levels for a sharded run")
     if population is None:
         r = cfg["num_islands"]
         population = Islands(r) if n % r == 0 and n // r >= cfg["min_island"] else LOCAL

@@ -1,12 +1,18 @@
-"""The papers' image claims at a CPU scale, on a class-conditional digits energy student (recipe digits_small).
+"""The papers' image claims at a CPU scale, on a class-conditional digits energy student (recipe digits_small), and on
+exact image models where the answers are known.
 
-Three experiments, one sub-command each, each writing `<out>/results.json`, `<out>/results.md` and `<out>/grid.png`
-(16 equally weighted samples per row, titled with the row, log Z and min ESS/N) under `benchmarks/results/image_<name>`:
+Sub-commands, each writing `<out>/results.json`, `<out>/results.md` and a figure under `benchmarks/results/image_<name>`
+(`grid.png`: 16 equally weighted samples per row, titled with the row, nfe, log Z, min ESS/N and what it is judged by):
 
-    compose      Du et al. 2023 eq. 13, log p(x|y1,y2) = log p(x) + sum_i (log p(x|y_i) - log p(x)), and the plain
-                 product p(x|y1) p(x|y2): SMC (sampler-mode weights) without and with HMC rejuvenation against the
-                 naive summed-score reverse diffusion run with as many levels as SMC+HMC made target evaluations
-                 (equal evaluations); judged by the digits classifier (fraction read as y1 / y2, mean p(y1) p(y2)).
+    compose      the product p(x|y1) p(x|y2) (default) or Du et al. 2023 eq. 13, log p(x) + sum_i (log p(x|y_i) -
+                 log p(x)), every row at the same `--budget` of target evaluations per particle (default 100, N = 256):
+                 SMC with all of it on levels, SMC + HMC (fewer levels), SMC `budget=` (adaptive: pilot CESS levels,
+                 HMC), the naive summed-score reverse diffusion and annealed HMC (Du et al. alg. 1); judged by the
+                 digits classifier (fraction read as y1 / y2), distinct images, pairwise distance; per-level ESS,
+                 resampling and unique ancestors in the JSON. At 100 evaluations SMC without MCMC keeps the most
+                 ancestors (README).
+    levels       is the product's answer the teacher's? The student's relative energy of the product between a real y1
+                 and a real y2 digit, against the teacher's (`fkdiff.levels.teacher_relative_energy`), per sigma.
     temperature  p(x|c)^beta (Thornton et al. 2025 fig. 3): the twisted `LowTemperature(beta)` potential on the
                  student's own reverse diffusion against the plain student (beta = 1, reverse diffusion); classifier
                  confidence / entropy and the classifier-feature Frechet distance (not FID) to the real class-c images.
@@ -15,25 +21,31 @@ Three experiments, one sub-command each, each writing `<out>/results.json`, `<ou
                  reverse diffusion + projection onto the half-space ("clip") and reverse diffusion + rejection, both at
                  the evaluations SMC used; violations and fidelity (Frechet distance to the real digits that
                  satisfy it).
+    exact        the three claims on exact Gaussian mixtures over the mean 8x8 digits (closed-form answers); each
+                 claim row says whether it holds with a margin of 3 standard errors of N (`--quick`: the test suite).
 
-SMC stops at `--sigma-min` (default 0.05, then one denoising step): the distillation report of issue 9 measures the
-students' relative energy levels as right from sigma 0.05 up and wrong below 0.01 (not yet fixed for the students
-used here), so the weights are trusted only down to 0.05. Everything runs on the CPU with one thread, chunked
-(`max_batch`); peak RSS is measured per row. Commands (the defaults are the committed results):
+SMC stops at `--sigma-min` (default 0.05, then one denoising step): the digits student used here was distilled before
+the level term, and its relative levels are off by 13 nats rms at 0.05 (`levels`), so the weights are not trusted
+lower. Everything runs on the CPU with one thread, chunked (`max_batch`); peak RSS is measured per row. Commands (the
+defaults are the committed results):
 
     python benchmarks/image_claims.py compose --student S --classifier C
+    python benchmarks/image_claims.py levels --teacher T --student S --classifier C --num-pairs 8 ...
     python benchmarks/image_claims.py temperature --student S --classifier C
     python benchmarks/image_claims.py bound --student S --classifier C
-    python benchmarks/image_claims.py compose --quick --student S ...     # seconds: N=8, 4 levels (the test suite)
+    python benchmarks/image_claims.py exact
+    python benchmarks/image_claims.py compose --quick --student S ...     # seconds: N=8 (the test suite)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
+import textwrap
 import sys
 import time
 import warnings
@@ -48,7 +60,7 @@ from image_smc_sizing import PeakRSS, bind, matched_init_std  # noqa: E402
 from fkdiff import compose, load_energy, mcmc, samplers, smc  # noqa: E402
 from fkdiff.smc import SMCDegeneracyWarning, SMCError  # noqa: E402
 
-EXPERIMENTS = ("compose", "temperature", "bound")
+EXPERIMENTS = ("compose", "temperature", "bound", "levels", "exact")
 
 
 def _kernel(name: str):
@@ -109,25 +121,61 @@ def _real_digits(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return xva.float(), yva.long()
 
 
+def _row_caption(row: dict) -> str:
+    """The title of one row's panel: its label, the evaluations, and what the row is judged by."""
+    lines = [row["row"], f"nfe {row['nfe']:.0f}"]
+    if row.get("log_Z") is not None:
+        lines[1] += f", log Z {row['log_Z']:.1f}, min ESS/N {row['min_ess_frac']:.2f}"
+    if row.get("frac_y1") is not None:
+        lines.append(f"read as {row['y1']}: {row['frac_y1']:.2f}, as {row['y2']}: {row['frac_y2']:.2f}, "
+                     f"{row['num_distinct']} distinct")
+    elif row.get("frac_class") is not None:
+        lines.append(f"p(class) {row['mean_p_class']:.2f}, entropy {row['mean_entropy']:.2f}")
+    elif row.get("frac_1") is not None:
+        lines.append(f"1s: {row['frac_1']:.2f} (exact {row['exact']:.2f})")
+    elif row.get("frac_0") is not None:
+        lines.append(f"0s: {row['frac_0']:.2f} (exact {row['exact']:.2f}), msd {row['msd']:.1f} "
+                     f"(exact {row['exact_msd']:.1f})")
+    elif row.get("violations") is not None:
+        lines.append(f"violations {row['violations']} of {row.get('num_returned', row['num_particles'])}")
+    return "\n".join(lines)
+
+
 def _save_grid(samples: dict[str, torch.Tensor], rows: list[dict], path: Path, title: str) -> None:
     from fkdiff import plotting
 
     plt = plotting._pyplot()
     k = len(samples)
-    fig, axes = plt.subplots(1, k, figsize=(3.0 * k, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 4.0), squeeze=False, layout="constrained")
     for ax, (label, x), row in zip(axes[0], samples.items(), rows):
-        ax.axis("off")
+        ax.set_xticks([]), ax.set_yticks([])
         if x is None or x.shape[0] == 0:
             ax.set_title(f"{label}\n(no sample: {'failed' if 'error' in row else 'none accepted'})", fontsize=8)
             continue
-        img = plotting.image_grid(x[:16])
-        ax.imshow(img.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
-        extra = "" if row.get("log_Z") is None else f"\nlog Z {row['log_Z']:.1f}, min ESS/N {row['min_ess_frac']:.2f}"
-        ax.set_title(f"{label}{extra}\nnfe {row['nfe']:.0f}", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+        img = plotting.image_grid(x[:16], pad=2)  # mid-grey gaps between the images
+        ax.imshow(img.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(_row_caption(row), fontsize=7.5)
+    fig.suptitle(textwrap.fill(title, max(40, 45 * k)), fontsize=10)
     plotting.save(fig, path)
     torch.save({k: None if v is None else v[:16] for k, v in samples.items()}, path.with_name("grid_samples.pt"))
+
+
+def _levels_figure(rows: list[dict], path: Path, title: str) -> None:
+    from fkdiff import plotting
+
+    plt = plotting._pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+    sig = [r["sigma"] for r in rows]
+    ax.errorbar(sig, [r["teacher_dE_mean"] for r in rows], yerr=[r["teacher_dE_sd"] for r in rows], marker="o",
+                capsize=3, label="teacher (heat equation + line integral)")
+    ax.errorbar(sig, [r["student_dE_mean"] for r in rows], yerr=[r["student_dE_sd"] for r in rows], marker="s",
+                capsize=3, label="student (distilled energy)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xscale("log"), ax.set_xlabel("sigma")
+    ax.set_ylabel("E(x_a) - E(x_b) of the product (nats)\nmean +- sd over the pairs", fontsize=8)
+    ax.set_title(textwrap.fill(title, 70), fontsize=8)
+    ax.legend(fontsize=7)
+    plotting.save(fig, path)
 
 
 def _fmt(v) -> str:
@@ -139,15 +187,45 @@ def _fmt(v) -> str:
 
 
 def _write(out: Path, meta: dict, rows: list[dict], columns: list[str], samples: dict, title: str) -> dict:
-    _save_grid(samples, rows, out / "grid.png", title)
+    if samples:
+        _save_grid(samples, rows, out / "grid.png", title)
+    else:
+        _levels_figure(rows, out / "levels.png", title)
     lines = [f"# {title}", "", f"Command: `{meta['command']}`", "",
              f"Machine: {meta['machine']}. {meta['note']}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    result = {"meta": meta, "rows": rows, "grid": str(out / "grid.png")}
+    result = {"meta": meta, "rows": rows, "grid": str(out / ("grid.png" if samples else "levels.png"))}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _per_level(res) -> dict | None:
+    """Per-level diagnostics of a weighted run (where the weights collapse): sigma, ESS/N, resampled, unique
+    ancestors."""
+    if res is None or res.log_Z is None:
+        return None
+    n = res.num_particles
+    return {"sigma": [float(v) for v in res.sigmas], "ess_frac": [float(v) / n for v in res.levels["ess"]],
+            "resampled": [bool(v) for v in res.levels["resampled"]],
+            "unique_ancestors": [int(v) for v in res.levels["unique_ancestors"]]}
+
+
+def compose_rows(budget: float, mcmc: str) -> list[tuple[str, str, dict]]:
+    """The compose rows at `budget` target evaluations per particle: (label, sampler, options). A level costs 1
+    evaluation, plus k * 3 leapfrog gradients with HMC<k> (MALA<k>: k)."""
+    kernel = _kernel(mcmc)
+    per_level = 1 + (0 if kernel is None else int(kernel.num_steps) * int(getattr(kernel, "num_leapfrog", 1)))
+    lv, lv_mc = max(2, int(budget)), max(2, int(budget // per_level))
+    rows = [("SMC", "smc", dict(num_levels=lv, mcmc=None))]
+    if kernel is not None:
+        rows.append((f"SMC+{mcmc.upper()}", "smc", dict(num_levels=lv_mc, mcmc=kernel)))
+    rows += [(f"SMC budget={budget:g} (adaptive)", "smc", dict(budget=budget)),
+             ("reverse diffusion", "reverse_diffusion", dict(num_levels=lv))]
+    if kernel is not None:
+        rows.append((f"annealed {mcmc.upper()}", "annealed_mcmc", dict(num_levels=lv_mc, mcmc=_kernel(mcmc))))
+    return rows
 
 
 def exp_compose(student, clf, args) -> tuple[list, dict, list[str], str]:
@@ -156,7 +234,8 @@ def exp_compose(student, clf, args) -> tuple[list, dict, list[str], str]:
     targets = {"eq13": compose.conditional(student, [c1, c2]), "product": compose.product(c1, c2)}
     opts = dict(shape=student.event_shape, sigma_max=args.sigma_max, sigma_min=args.sigma_min,
                 max_batch=args.max_batch, eval_dtype=torch.float32)
-    rows, samples = [], {}
+    fns = {"smc": smc.sample, "reverse_diffusion": samplers.reverse_diffusion, "annealed_mcmc": samplers.annealed_mcmc}
+    rows, samples, keep = [], {}, {}
     for name in args.targets:
         t = targets[name]
         # all rows of a target start from the Gaussian closest to it at sigma_max (a product of k models is about
@@ -164,31 +243,34 @@ def exp_compose(student, clf, args) -> tuple[list, dict, list[str], str]:
         opts["init_std"] = matched_init_std(t, args.sigma_max, student.event_shape,
                                             torch.Generator().manual_seed(10_000 + args.seed), max_batch=args.max_batch,
                                             num=32 if args.quick else 256)
-        hmc_nfe = None
-        for mc in ("none", args.mcmc):
-            lbl = f"{name} SMC" + ("" if mc == "none" else f"+{mc.upper()}")
-            row, x, res = run_row(lbl, lambda g, mc=mc: smc.sample(t, args.num_particles, num_levels=args.levels,
-                                                                   mcmc=_kernel(mc), generator=g, **opts), args.seed)
-            row["init_std"] = opts["init_std"]
-            hmc_nfe = res.nfe if res is not None else args.levels * 5
+        for label, kind, o in compose_rows(args.budget, args.mcmc):
+            if args.rows and not any(r in label for r in args.rows):
+                continue
+            lbl = f"{name} {label}"
+            row, x, res = run_row(lbl, lambda g, kind=kind, o=o: fns[kind](t, args.num_particles, generator=g,
+                                                                            **o, **opts), args.seed)
+            row.update(init_std=opts["init_std"], budget=args.budget, per_level=_per_level(res),
+                       plan=None if res is None else getattr(res, "plan", None))
+            if row["plan"] is not None:
+                row["nfe"] = row["plan"]["used_evaluations"]  # the pilot's evaluations are charged to the row
+                row["plan"] = {k: v for k, v in row["plan"].items() if k != "pilot"} | {
+                    "pilot_cess": row["plan"]["pilot"] and row["plan"]["pilot"]["cess"]}
             rows.append(row), samples.setdefault(lbl, x)
-        lv = max(2, int(round(hmc_nfe)))  # reverse diffusion: one target evaluation per level
-        lbl = f"{name} reverse diffusion"
-        row, x, _ = run_row(lbl, lambda g: samplers.reverse_diffusion(t, args.num_particles, num_levels=lv,
-                                                                     generator=g, **opts), args.seed)
-        row["init_std"] = opts["init_std"]
-        rows.append(row), samples.setdefault(lbl, x)
+            keep[lbl] = x
     for row, x in zip(rows, samples.values()):
         if x is None:
             continue
         st, s = _stats(clf, x, None)
-        row.update(st, frac_y1=float((s.pred == y1).double().mean()), frac_y2=float((s.pred == y2).double().mean()),
+        # lineage classes: the classifier's reading of the distinct samples (what the surviving ancestors became)
+        row.update(st, y1=y1, y2=y2, frac_y1=float((s.pred == y1).double().mean()), frac_y2=float((s.pred == y2).double().mean()),
                    mean_p_y1_p_y2=float((s.probs[:, y1] * s.probs[:, y2]).mean()),
                    mean_p_y1_plus_p_y2=float((s.probs[:, y1] + s.probs[:, y2]).mean()))
+    if args.save_samples:
+        torch.save(keep, args.save_samples)
     cols = ["row", "num_particles", "levels", "nfe", "min_ess_frac", "min_unique_ancestors", "num_eves",
             "mean_acceptance", "log_Z", "frac_y1", "frac_y2", "mean_p_y1_plus_p_y2", "mean_p_y1_p_y2",
-            "mean_entropy", "num_distinct", "mean_pairwise_dist", "init_std", "wall_s", "peak_rss_mib"]
-    return rows, samples, cols, f"digits student: compositions of classes {y1} and {y2}"
+            "mean_entropy", "num_distinct", "mean_pairwise_dist", "wall_s", "peak_rss_mib"]
+    return rows, samples, cols, f"digits student: compositions of classes {y1} and {y2} ({args.budget:g} evaluations)"
 
 
 def exp_temperature(student, clf, args) -> tuple[list, dict, list[str], str]:
@@ -287,12 +369,183 @@ def exp_bound(student, clf, args) -> tuple[list, dict, list[str], str]:
                                  f"({100 * meta_extra['real_fraction_satisfying']:.0f}% of real digits satisfy it)")
 
 
+class FlatImage:
+    """A flat `[*, 64]` analytic model (teachers.analytic.GaussianMixture) seen as `[*, 1, 8, 8]` images."""
+
+    event_shape = (1, 8, 8)
+
+    def __init__(self, model):
+        self.model = model
+
+    def energy(self, x, sigma):
+        return self.model.energy(x.flatten(1), sigma)
+
+    def score(self, x, sigma):
+        return self.model.score(x.flatten(1), sigma).reshape(x.shape)
+
+
+def _class_means() -> torch.Tensor:
+    x, y = _real_digits(8)
+    return torch.stack([x[y == c].double().mean(0).flatten() for c in range(10)])
+
+
+def _binomial_margin(p1: float, p2: float, n1: int, n2: int, z: float = 3.0) -> float:
+    """z standard errors of a difference of two observed fractions (each variance floored at 1/n: p in {0, 1})."""
+    v1, v2 = max(p1 * (1 - p1), 1.0 / n1) / n1, max(p2 * (1 - p2), 1.0 / n2) / n2
+    return z * math.sqrt(v1 + v2)
+
+
+def exp_exact(student, clf, args) -> tuple[list, dict, list[str], str]:
+    """The three claims on an *exact* image model, where the answer is known in closed form: Gaussian mixtures over
+    the mean 8x8 digit of each class (isotropic std `--exact-std`; the exact denoiser of `teachers.analytic`).
+
+      compose      (narrow 1 or wide 7) AND (narrow 1 or wide 7, weights 1:4): the exact product is all 1s
+                   (`gmm_product`); SMC+HMC vs summed scores (which keep the components' proportions)
+      temperature  p^2 of 0.7 N(mean 0) + 0.3 N(mean 1): exact mass of the 0s 0.7^2 / (0.7^2 + 0.3^2) = 0.845 and
+                   mean squared distance (msd) to the nearest mean halved (64 std^2 / 2); SMC (budget, twisted) vs
+                   beta 1 by reverse diffusion; the claim asserted is the direction (each mode sharper), the
+                   mode masses are reported beside
+      bound        the 10-class mixture with the left-columns constraint: SMC violations vs reverse diffusion's
+    Each claim row carries `claim_holds` with a margin of 3 standard errors of the sample size."""
+    from teachers.analytic import GaussianMixture, gmm_product
+
+    means, std, sig = _class_means(), args.exact_std, args.sigma_min
+    eye = torch.eye(64, dtype=torch.float64)
+
+    def gmm(cs, w=None, stds=None):
+        stds = [std] * len(cs) if stds is None else stds
+        return GaussianMixture(means[cs], torch.stack([s ** 2 * eye for s in stds]), w)
+
+    def nearest(x):
+        return torch.cdist(x.flatten(1).double(), means).min(1)
+
+    n, lv = args.num_particles, args.levels
+    opts = dict(shape=(1, 8, 8), sigma_max=args.sigma_max, sigma_min=sig, max_batch=args.max_batch)
+    rows, samples = [], {}
+
+    def add(label, fn, **extra):
+        row, x, res = run_row(label, fn, args.seed)
+        row.update(extra)
+        rows.append(row), samples.setdefault(label, x)
+        return row, x
+
+    # compose: two mixtures of a narrow 1 and a wide 7 (weights 1:1 and 1:4); the product's components weigh
+    # w_a w_b N(m; m, S_a + S_b), (std_7 / std_1)^64 = e^26 in favour of the 1s: the exact product is all 1s
+    a = gmm([1, 7], stds=(0.3, 0.45))
+    b = gmm([1, 7], torch.tensor([0.2, 0.8], dtype=torch.float64), stds=(0.3, 0.45))
+    prod, log_z = gmm_product(a, b, sig)
+    exact1 = float(prod.log_weights.exp().reshape(2, 2)[0, 0])
+    t = compose.product(FlatImage(a), FlatImage(b))
+    init = args.sigma_max / math.sqrt(2)  # a product of two models at sigma_max is about N(0, sigma_max^2 / 2)
+    r_smc, x = add("compose: SMC+HMC1", lambda g: smc.sample(t, n, num_levels=lv, mcmc=mcmc.HMC(1, 3), generator=g,
+                                                            init_std=init, **opts), exact=exact1, exact_log_Z=log_z)
+    r_smc["frac_1"] = float((nearest(x).indices == 1).double().mean())
+    r_rd, x = add("compose: reverse diffusion", lambda g: samplers.reverse_diffusion(
+        t, n, num_levels=int(round(r_smc["nfe"])), generator=g, init_std=init, **opts), exact=exact1)
+    r_rd["frac_1"] = float((nearest(x).indices == 1).double().mean())
+    r_smc["claim"] = "SMC's fraction of 1s exceeds summed scores' by 3 SE"
+    r_smc["claim_holds"] = r_smc["frac_1"] - r_rd["frac_1"] > _binomial_margin(r_smc["frac_1"], r_rd["frac_1"], n, n)
+    # low temperature
+    c = gmm([0, 1], torch.tensor([0.7, 0.3], dtype=torch.float64))
+    w2 = 0.7 ** 2 / (0.7 ** 2 + 0.3 ** 2)
+    r1, x = add("temperature: beta 1 (reverse diffusion)", lambda g: samplers.reverse_diffusion(
+        FlatImage(c), n, num_levels=lv, generator=g, **opts), exact=0.7)
+    nb = nearest(x)
+    r1.update(frac_0=float((nb.indices == 0).double().mean()), msd=float((nb.values ** 2).mean()),
+              exact_msd=64 * std ** 2)
+    r2, x = add("temperature: beta 2 (SMC budget)", lambda g: smc.sample(compose.tempered(FlatImage(c), 2.0), n,
+                                                                        budget=args.exact_budget, generator=g, **opts),
+                exact=w2)
+    nb = nearest(x)
+    r2.update(frac_0=float((nb.indices == 0).double().mean()), msd=float((nb.values ** 2).mean()),
+              exact_msd=64 * std ** 2 / 2)
+    # direction (p^beta sharpens each mode): the msd down by more than 3 relative SE (the msd of n points in 64 dims
+    # has relative SE about sqrt(2 / (64 n)), the ratio of two about sqrt(2) times that). The mode masses (exact
+    # 0.7 -> 0.845) are reported, not asserted: at these budgets SMC's are erratic (0.36 at N = 64, 0.98 at N = 128
+    # and 256, measured), the within-mode shape is right.
+    r2["claim"] = "beta 2 vs 1: a smaller msd (3 SE)"
+    r2["msd_ratio"] = r2["msd"] / r1["msd"]
+    r2["claim_holds"] = r2["msd_ratio"] < 1 - 3 * math.sqrt(2) * math.sqrt(2 / (64 * n))
+    # bound
+    u = gmm(list(range(10)))
+    poly = constraint((1, 8, 8), args.cols, args.threshold)
+    r_b, x = add("bound: SMC + Polytope+HMC1", lambda g: smc.sample(FlatImage(u), n, num_levels=lv, potentials=[poly],
+                                                                   mcmc=mcmc.HMC(1, 3), generator=g, **opts))
+    r_b["violations"] = int((~poly.contains(x.double())).sum())
+    r_c, x = add("bound: reverse diffusion", lambda g: samplers.reverse_diffusion(
+        FlatImage(u), n, num_levels=int(round(r_b["nfe"])), generator=g, **opts))
+    r_c["violations"] = int((~poly.contains(x.double())).sum())
+    r_b["claim"] = "SMC 0 violations, reverse diffusion > 3 SE of violations"
+    r_b["claim_holds"] = r_b["violations"] == 0 and r_c["violations"] > 3 * math.sqrt(max(r_c["violations"], 1))
+    for row in rows:
+        row["num_distinct"] = len({tuple(v) for v in samples[row["row"]].flatten(1).tolist()})
+    cols = ["row", "num_particles", "levels", "nfe", "min_ess_frac", "log_Z", "exact_log_Z", "exact", "frac_1",
+            "frac_0", "msd", "exact_msd", "msd_ratio", "violations", "num_distinct", "claim", "claim_holds", "wall_s"]
+    return rows, samples, cols, f"exact image mixtures (8x8 digit means, std {std:g}): the claims with known answers"
+
+
+def exp_levels(student, clf, args) -> tuple[list, dict, list[str], str]:
+    """Can the product's weights be trusted? Pairs (a real y1 digit, a real y2 digit), both noised to sigma with one
+    noise draw: the student's relative energy of the product, sum_c E(x_a|c) - E(x_b|c), against the teacher's
+    (`fkdiff.levels.teacher_relative_energy`: heat equation along ln sigma from sigma_ref plus a line integral of the
+    teacher's score there; Hutchinson divergence, estimated twice with independent probes: error rms cross-fitted,
+    noise_rms the probe noise). Negative = the product prefers the y1 digit by that many nats."""
+    from fkdiff.levels import teacher_relative_energy
+    from teachers import load_teacher
+
+    if not args.teacher:
+        raise SystemExit("levels needs --teacher (the teacher the student was distilled from)")
+    teacher = load_teacher(args.teacher)
+    y1, y2 = args.classes
+    xr, yr = _real_digits(student.event_shape[-1])
+    p = args.num_pairs
+    a, b = xr[yr == y1][:p].double(), xr[yr == y2][:p].double()
+    p = min(a.shape[0], b.shape[0])
+    a, b = a[:p], b[:p]
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for sig in args.level_sigmas:
+        eps = torch.randn(a.shape, generator=gen, dtype=a.dtype)
+        xa, xb = a + sig * eps, b + sig * torch.randn(b.shape, generator=gen, dtype=b.dtype)
+        sv = torch.full((p,), float(sig), dtype=torch.float64)
+        st, te1, te2 = torch.zeros(p, dtype=torch.float64), torch.zeros(p, dtype=torch.float64), torch.zeros(
+            p, dtype=torch.float64)
+        t0 = time.perf_counter()
+        for c in (y1, y2):
+            cc = torch.full((p,), c, dtype=torch.long)
+            with torch.no_grad():
+                st += (student.energy(xa.float(), sv.float(), cc) - student.energy(xb.float(), sv.float(), cc)).double()
+            kw = dict(sigma_ref=args.sigma_ref, cond=cc, divergence="hutchinson", num_probes=args.num_probes)
+            te1 += teacher_relative_energy(teacher, xa.float(), xb.float(), sv.float(), generator=gen, **kw).double()
+            te2 += teacher_relative_energy(teacher, xa.float(), xb.float(), sv.float(), generator=gen, **kw).double()
+        e1, e2 = st - te1, st - te2
+        row = {"row": f"sigma {sig:g}", "sigma": sig, "num_pairs": p, "student_dE_mean": float(st.mean()),
+               "student_dE_sd": float(st.std()), "teacher_dE_mean": float(((te1 + te2) / 2).mean()),
+               "teacher_dE_sd": float(((te1 + te2) / 2).std()),
+               "error_rms": float((e1 * e2).mean().clamp(min=0).sqrt()),
+               "noise_rms": float(((e1 - e2) ** 2 / 2).mean().sqrt()),
+               "frac_same_sign": float(((st < 0) == ((te1 + te2) < 0)).double().mean()),
+               "wall_s": time.perf_counter() - t0}
+        print(f"  sigma {sig:g}: student {row['student_dE_mean']:.1f} +- {row['student_dE_sd']:.1f}, teacher "
+              f"{row['teacher_dE_mean']:.1f} +- {row['teacher_dE_sd']:.1f}, err rms {row['error_rms']:.1f} "
+              f"(noise {row['noise_rms']:.1f})", flush=True)
+        rows.append(row)
+    cols = ["row", "num_pairs", "student_dE_mean", "student_dE_sd", "teacher_dE_mean", "teacher_dE_sd", "error_rms",
+            "noise_rms", "frac_same_sign", "wall_s"]
+    return rows, {}, cols, (f"product of classes {y1} and {y2}: relative energy of a real {y1} vs a real {y2} "
+                            "(nats; < 0: the product prefers the " f"{y1}), student vs teacher")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=EXPERIMENTS)
-    p.add_argument("--student", required=True, help="a class-conditional digits energy student (student.pt)")
-    p.add_argument("--classifier", required=True, help="a digits classifier (fkdiff.metrics.save_classifier)")
-    p.add_argument("--num-particles", type=int, default=64)
+    p.add_argument("--student", default=None, help="a class-conditional digits energy student (student.pt)")
+    p.add_argument("--classifier", default=None, help="a digits classifier (fkdiff.metrics.save_classifier)")
+    p.add_argument("--num-particles", type=int, default=None, help="default 256 (compose), 64 (temperature, bound)")
+    p.add_argument("--budget", type=float, default=100.0, help="compose: target evaluations per particle per row")
+    p.add_argument("--rows", nargs="+", default=None, help="compose: run only the rows whose label contains one of "
+                   "these (e.g. adaptive)")
+    p.add_argument("--save-samples", default=None, help="compose: torch.save every row's samples here (not in git)")
     p.add_argument("--levels", type=int, default=40)
     p.add_argument("--mcmc", default="hmc1", help="rejuvenation: none | hmc<k> (k steps x 3 leapfrog) | mala<k>")
     p.add_argument("--sigma-max", type=float, default=10.0)
@@ -300,25 +553,41 @@ def main(argv=None) -> dict:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classes", nargs=2, type=int, default=[1, 7])
-    p.add_argument("--targets", nargs="+", default=["eq13", "product"], choices=["eq13", "product"])
+    p.add_argument("--targets", nargs="+", default=["product"], choices=["eq13", "product"])
     p.add_argument("--temp-class", type=int, default=3)
     p.add_argument("--betas", nargs="+", type=float, default=[2.0, 4.0])
     p.add_argument("--cols", type=int, default=3)
     p.add_argument("--threshold", type=float, default=-0.8)
+    p.add_argument("--exact-std", type=float, default=0.35, help="exact: std of each image Gaussian")
+    p.add_argument("--exact-budget", type=float, default=260.0, help="exact: the low temperature's SMC budget")
+    p.add_argument("--teacher", default=None, help="levels: the teacher checkpoint (teacher.pt)")
+    p.add_argument("--num-pairs", type=int, default=16, help="levels: pairs of real digits")
+    p.add_argument("--level-sigmas", nargs="+", type=float, default=[0.05, 0.1, 0.3, 1.0])
+    p.add_argument("--sigma-ref", type=float, default=5.0, help="levels: where the teacher's line integral is taken")
+    p.add_argument("--num-probes", type=int, default=8, help="levels: Hutchinson probes per divergence")
     p.add_argument("--out", default=None, help="default benchmarks/results/image_<experiment>")
-    p.add_argument("--quick", action="store_true", help="N=8, 4 levels, compose: eq13 only (seconds; the test suite)")
+    p.add_argument("--quick", action="store_true", help="seconds (the test suite): N=8, 4 levels, budget 32, one "
+                   "target; exact: N=64, 20 levels")
     args = p.parse_args(argv)
-    if args.quick:
-        args.num_particles, args.levels = 8, 4
+    if args.num_particles is None:
+        args.num_particles = 256 if args.experiment in ("compose", "exact") else 64
+    if args.quick and args.experiment == "exact":  # the direction of each claim, asserted by the test suite
+        args.num_particles, args.levels, args.exact_budget = 64, 20, 160.0
+    elif args.quick:
+        args.num_particles, args.levels, args.budget = 8, 4, 32.0
         args.targets = args.targets[:1]
     torch.set_num_threads(1)
     out = Path(args.out or f"benchmarks/results/image_{args.experiment}")
     out.mkdir(parents=True, exist_ok=True)
     from fkdiff.metrics import load_classifier
 
-    student, clf = load_energy(args.student), load_classifier(args.classifier)
+    if args.experiment != "exact" and not (args.student and args.classifier):
+        p.error(f"{args.experiment} needs --student and --classifier")
+    student = load_energy(args.student) if args.student else None
+    clf = load_classifier(args.classifier) if args.classifier else None
     print(f"[image_claims] {args.experiment}: N={args.num_particles}, {args.levels} levels, {args.mcmc}", flush=True)
-    fn = {"compose": exp_compose, "temperature": exp_temperature, "bound": exp_bound}[args.experiment]
+    fn = {"compose": exp_compose, "temperature": exp_temperature, "bound": exp_bound,
+          "levels": exp_levels, "exact": exp_exact}[args.experiment]
     rows, samples, cols, title = fn(student, clf, args)
     meta = {"command": "python benchmarks/image_claims.py " + " ".join(shlex.quote(a) for a in
                                                                          (argv if argv is not None else sys.argv[1:])),

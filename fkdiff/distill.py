@@ -235,10 +235,37 @@ def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run
                             checkpoint_every_n_steps=dcfg.get("checkpoint_every_n_steps"), timeout=timeout)
     fit(trainer, module, dm, resume[0] if resume else None, timeout=timeout,
         resume_hint=f"python -m fkdiff.distill run_dir={run_dir} distill.ckpt_path=last", logger=logger)
+    student = _full_student(trainer, student, lambda: _build_student(cfg, teacher, dm)[0])
     if not trainer.is_global_zero:
         return StudentRun(name=name, student=student, teacher=teacher, run_dir=str(sub), warm_start=warm,
                           step=int(trainer.global_step))
     return _finalise(cfg, name, student, teacher, warm, int(trainer.global_step), sub, dm)
+
+
+_WRAPPER_PREFIXES = ("_forward_module.", "_fsdp_wrapped_module.", "module.")
+
+
+def _full_student(trainer, student, rebuild):
+    """The trained student with all its weights on the main process. Under FSDP (`trainer.strategy=fsdp`) each
+    process holds a shard: every process takes part in gathering the full state dict (Lightning's
+    `strategy.lightning_module_state_dict()`, a collective; the full dict lands on the main process), which is loaded
+    into a freshly built student there. Other strategies keep the whole student in every process: returned as is."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return student
+    state = trainer.strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        return student
+    weights = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        if key.startswith("student."):
+            weights[key[len("student."):]] = value
+    fresh = rebuild()
+    fresh.load_state_dict(weights)
+    return fresh
 
 
 def _finalise(cfg: DictConfig, name: str, student, teacher, warm: bool, step: int, sub: Path, dm) -> StudentRun:

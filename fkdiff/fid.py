@@ -7,8 +7,9 @@
   "inception-v3-compat": the network of EDM's detector pickle and of the original FID code), fed uint8 RGB images
   quantised as EDM's `generate.py` does, `(x * 127.5 + 128).clip(0, 255).to(uint8)` for x in [-1, 1]. The weights
   file is read from the user's torch hub cache (`<torch.hub.get_dir()>/checkpoints/INCEPTION_WEIGHTS_FILE`, where
-  torch-fidelity itself caches it) or `fid.weights`; fkdiff never downloads it, checks it is a plain weights file
-  (a weights-only load, which runs nothing) before torch-fidelity unpickles it, and records its sha256 in `fid.json`.
+  torch-fidelity itself caches it) or `fid.weights`; fkdiff never downloads it. `fkdiff.metrics.inception` checks it
+  (`inception_weights_path`, the same check as `fid_kid`'s: a weights-only load that runs nothing, a state_dict of
+  tensors, `fid.weights_sha256` when set) before torch-fidelity loads it; `fid.json` records its sha256.
 - Statistics: mu and the unbiased covariance S, accumulated in float64 as EDM does.
 - Reference statistics (stated in `fid.json`): `fid.ref=edm`, EDM's published statistics of the 50,000 CIFAR-10
   training images (`FID_REFS`, an .npz with `mu` and `sigma`, fetched once into the torch hub cache and read with
@@ -22,10 +23,10 @@
     python -m fkdiff.fid recipe=cifar10 data.root=<folder> fid.student=runs/cifar10/student/student.pt
     python -m fkdiff.fid recipe=cifar10 fid.samples=runs/sample/.../samples.pt fid.num_samples=2000   # a quick look
 
-This is the one place of the FID of a run. (`fkdiff.metrics.inception`, issue 10, computes FID/KID of image sets
-through torchmetrics, whose FID uses the same torch-fidelity extractor and weights file; the two should share the
-weights check and the error when both are merged.) torch-fidelity needs a torchvision matching the installed torch:
-where it does not import, `FIDUnavailableError` says what to install.
+This is the one place of the FID of a run. (`fkdiff.metrics.inception.fid_kid` computes FID/KID of two image sets
+through torchmetrics, with the same extractor, weights file, weights check and `FIDUnavailableError`.)
+torch-fidelity needs a torchvision matching the installed torch: where it does not import, `FIDUnavailableError`
+says what to install.
 """
 
 from __future__ import annotations
@@ -42,19 +43,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from fkdiff.files import sha256_file
+from fkdiff.metrics.inception import (INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL, FIDUnavailableError,
+                                      inception_features, inception_weights_path)
 
 __all__ = ["FIDUnavailableError", "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "FID_REFS", "to_uint8_edm",
            "inception_weights_path", "inception_features", "FeatureStats", "frechet_distance", "load_reference",
            "smc_images", "fid", "main"]
 
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch hub naming: <name>-<sha256 prefix>.pth
-INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 FID_REFS = {"cifar10": "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"}  # EDM README
 EDM_NUM_SAMPLES = 50_000
-
-
-class FIDUnavailableError(ImportError):
-    """torch-fidelity (with a torchvision matching this torch) does not import here."""
 
 
 def to_uint8_edm(x: Tensor) -> Tensor:
@@ -64,53 +61,6 @@ def to_uint8_edm(x: Tensor) -> Tensor:
         raise ValueError(f"images must be a [B, 1 or 3, H, W] tensor in [-1, 1], got {tuple(getattr(x, 'shape', ()))}")
     u = (x.detach().float() * 127.5 + 128).clip(0, 255).to(torch.uint8)
     return u.repeat(1, 3, 1, 1) if u.shape[1] == 1 else u
-
-
-def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
-    """The Inception weights file, checked (module docstring); FileNotFoundError naming the file, the folder and the
-    URL when missing, ValueError when it is not a plain weights file (a state_dict of tensors)."""
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    p = Path(os.path.expanduser(str(path))) if path is not None else folder / INCEPTION_WEIGHTS_FILE
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"Inception weights not found at {p}. On a machine with network: `mkdir -p {folder} && curl -L -o "
-            f"{folder / INCEPTION_WEIGHTS_FILE} {INCEPTION_WEIGHTS_URL}` (TORCH_HOME moves the torch hub cache), "
-            "then copy it here, or pass fid.weights=<file>. fkdiff never downloads it.")
-    try:  # refuses anything but tensors and plain containers, without running any of it
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{p} is not a plain weights file ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         "refusing to let torch-fidelity unpickle it") from e
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{p} is not a state_dict of tensors")
-    return p
-
-
-def _import_fidelity():
-    hint = (f"FID needs the optional extra: pip install 'fkdiff[fid]' (torch-fidelity and torchvision), with a "
-            f"torchvision built for the installed torch {torch.__version__} (install both from the same index, e.g. "
-            "https://download.pytorch.org/whl/cu124)")
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except (ImportError, RuntimeError, AttributeError, OSError) as e:  # a mismatched torchvision: RuntimeError
-        raise FIDUnavailableError(f"torch-fidelity does not import here ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}). {hint}") from e
-    return FeatureExtractorInceptionV3
-
-
-def inception_features(weights: str | os.PathLike | None = None,
-                       device: torch.device | str = "cpu") -> Callable[[Tensor], Tensor]:
-    """`features(uint8 [B, 3, H, W]) -> float64 [B, 2048]` with the FID Inception (module docstring)."""
-    extractor_cls = _import_fidelity()
-    path = inception_weights_path(weights)
-    net = extractor_cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)).to(device).eval()
-
-    @torch.no_grad()
-    def features(images: Tensor) -> Tensor:
-        (feat,) = net(images.to(device))
-        return feat.to(torch.float64)
-
-    return features
 
 
 class FeatureStats:
@@ -254,8 +204,8 @@ def fid(cfg: DictConfig) -> dict:
         raise ValueError("set exactly one of fid.student (a distilled student to sample) and fid.samples (a file of "
                          "generated images)")
     device = torch.device(f.get("device") or "cpu")
-    features = inception_features(f.get("weights"), device)  # the missing package / weights fail first
-    weights = inception_weights_path(f.get("weights"))
+    weights = inception_weights_path(f.get("weights"), sha256=f.get("weights_sha256"))  # before anything loads it
+    features = inception_features(weights, device)  # the missing package fails here, before any sampling
     run_dir = Path(str(cfg.run_dir))
     dataset = str(cfg.data.name)
     cache = None

@@ -111,13 +111,15 @@ class MoveInfo:
     num_evals     logdensity+grad evaluations per particle
     num_divergent proposals (summed over particles and steps) with Hamiltonian/MH error > divergence_threshold
     num_nonfinite proposals rejected because logp, position or gradient was NaN/inf
+    (both counts 0-d int64 tensors on the particles' device: a move makes no host read; `StepSizeAdapter` reads them
+    with the mean acceptance in one transfer, and `MCMCInfo` holds them as ints)
     """
 
     acceptance: Tensor
     mh_acceptance: Tensor
     num_evals: int
-    num_divergent: int
-    num_nonfinite: int
+    num_divergent: Tensor
+    num_nonfinite: Tensor
 
 
 @dataclass(frozen=True)
@@ -255,10 +257,10 @@ class Kernel:
         xn, lpn, gn = proposal
         finite = torch.isfinite(lpn) & _rowfinite(xn) & _rowfinite(gn) & (True if ok is None else ok)
         prob, accept = self._accept(log_ratio, finite, generator, x)
-        n_div = int((finite & (-log_ratio > self.divergence_threshold)).sum())
+        n_div = (finite & (-log_ratio > self.divergence_threshold)).sum()  # counts stay on the device (no host read)
         m = _bcast(accept, x)
         new = ChainState(torch.where(m, xn, x), torch.where(accept, lpn, logp), torch.where(m, gn, grad))
-        return new, prob, accept, int((~finite).sum()), n_div
+        return new, prob, accept, (~finite).sum(), n_div
 
     def _info(self, mh_sum: Tensor, num_evals: int, n_div: int, n_bad: int) -> MoveInfo:
         k = self.num_steps
@@ -316,8 +318,10 @@ class StepSizeAdapter:
 
     def update(self, state: MCMCState, mh_acceptance: Tensor, eps: float) -> MCMCState:
         """The state after a call at step `eps` whose per-particle Metropolis probabilities were `mh_acceptance`."""
+        return self._adapt(state, float(self.gather(mh_acceptance.detach().double()).mean()), eps)
+
+    def _adapt(self, state: MCMCState, mean_acc: float, eps: float) -> MCMCState:
         k = self.kernel
-        mean_acc = float(self.gather(mh_acceptance.detach().double()).mean())
         log_c = state.log_scale
         if k.step_size is None and k.adjusted and math.isfinite(mean_acc):
             log_c = min(max(log_c + k.adapt_gain * (mean_acc - k.target_accept), _LOG_C_MIN), _LOG_C_MAX)
@@ -344,12 +348,15 @@ class StepSizeAdapter:
             logp = logp.detach().double()
             chain, extra = ChainState(x.detach(), torch.where(torch.isnan(logp), torch.full_like(logp, -math.inf), logp),
                                       grad.detach().to(x.dtype)), 0
-        eps = self.step_size(state, chain.grad)
+        eps = self.step_size(state, chain.grad)  # a host read (the median), unless the step size is fixed
         chain, move = self.kernel.step(chain, logdensity_fn, eps, generator)
+        mean_acc = self.gather(move.mh_acceptance.detach().double()).mean()
+        mean_acc, n_div, n_bad = torch.stack([mean_acc, torch.as_tensor(move.num_divergent).to(mean_acc),
+                                              torch.as_tensor(move.num_nonfinite).to(mean_acc)]).tolist()  # one read
         info = MCMCInfo(acceptance=move.acceptance, mh_acceptance=move.mh_acceptance, step_size=eps,
-                        num_evals=move.num_evals + extra, num_divergent=move.num_divergent,
-                        num_nonfinite=move.num_nonfinite, logp=chain.logp, grad=chain.grad)
-        return chain.x, self.update(state, move.mh_acceptance, eps), info
+                        num_evals=move.num_evals + extra, num_divergent=int(n_div), num_nonfinite=int(n_bad),
+                        logp=chain.logp, grad=chain.grad)
+        return chain.x, self._adapt(state, mean_acc, eps), info
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,11 @@ def test_edm_quantisation():
         F.to_uint8_edm(torch.zeros(2, 2, 4, 4))
 
 
-def test_missing_torch_fidelity_is_a_clear_error(monkeypatch):
+def test_missing_torch_fidelity_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)
-    with pytest.raises(F.FIDUnavailableError, match=r"pip install 'fkdiff\[fid\]'.*torchvision built for"):
-        F.inception_features()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
+    with pytest.raises(F.FIDUnavailableError, match=r"pip install 'fkdiff\[fid\]'.*torchvision build that matches"):
+        F.inception_features(tmp_path / "weights.pth")
 
 
 def test_inception_weights_checked_before_anyone_unpickles_them(tmp_path, monkeypatch):
@@ -78,6 +79,60 @@ def test_inception_weights_checked_before_anyone_unpickles_them(tmp_path, monkey
     good = tmp_path / "mine.pth"
     torch.save({"w": torch.zeros(2)}, good)
     assert F.inception_weights_path(good) == good
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    assert F.inception_weights_path(good, sha256=digest) == good
+    from fkdiff.files import ChecksumError
+
+    with pytest.raises(ChecksumError, match="differs from the expected"):
+        F.inception_weights_path(good, sha256="0" * 64)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a plain weights file"):
+        F.inception_weights_path(tmp_path / "empty.pth")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="not a state_dict of tensors"):
+        F.inception_weights_path(tmp_path / "list.pth")
+
+
+def _code_pickle(path, marker):
+    """A pickle whose loading would run code (create `marker`): what a tampered weights file looks like."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (__import__("pathlib").Path.touch, (marker,))
+
+    path.write_bytes(pickle.dumps({"w": Evil()}))
+    return path
+
+
+def test_both_fid_paths_refuse_a_pickle_with_code(tmp_path, monkeypatch):
+    """The one weights check (fkdiff.metrics.inception.inception_weights_path) guards both FID paths: the EDM-protocol
+    command (fkdiff.fid) and fid_kid (and its CLI): a planted pickle is refused before torch-fidelity, torchmetrics or
+    any sampling touches it, and nothing in it runs. The same file at the cache path is refused too."""
+    import fkdiff.metrics as M
+    from fkdiff.metrics.__main__ import main as metrics_main
+
+    marker = tmp_path / "ran"
+    bad = _code_pickle(tmp_path / "inception.pth", marker)
+    torch.save({"samples": torch.zeros(4, 3, 8, 8)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a plain weights file"):
+        F.fid(compose(["recipe=cifar10", "task=fid", f"run_dir={tmp_path / 'run'}", f"fid.samples={tmp_path / 'x.pt'}",
+                       "fid.num_samples=4", f"fid.weights={bad}"]))
+    with pytest.raises(ValueError, match="not a plain weights file"):
+        M.fid_kid(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), weights_path=bad)
+    with pytest.raises(ValueError, match="not a plain weights file"):
+        metrics_main(["fid", str(tmp_path / "x.pt"), str(tmp_path / "x.pt"), "--key", "samples", "--weights", str(bad)])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / F.INCEPTION_WEIGHTS_FILE
+    cached.parent.mkdir(parents=True)
+    _code_pickle(cached, marker)
+    with pytest.raises(ValueError, match="not a plain weights file"):
+        F.fid(compose(["recipe=cifar10", "task=fid", f"run_dir={tmp_path / 'run'}", f"fid.samples={tmp_path / 'x.pt'}",
+                       "fid.num_samples=4"]))
+    with pytest.raises(ValueError, match="not a plain weights file"):
+        M.fid_kid(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8))
+    assert not marker.exists()
+    assert F.inception_weights_path is M.inception_weights_path and F.FIDUnavailableError is M.FIDUnavailableError
 
 
 def test_edm_reference_statistics_cached_or_a_clear_offline_error(tmp_path, monkeypatch):
@@ -140,15 +195,17 @@ def test_fid_command_wiring(tmp_path, monkeypatch):
 
 def test_fid_command_without_torch_fidelity_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
     with pytest.raises(F.FIDUnavailableError, match="fkdiff\\[fid\\]"):
-        F.fid(compose(["recipe=cifar10", "task=fid", f"run_dir={tmp_path}", "fid.samples=x.pt"]))
+        F.fid(compose(["recipe=cifar10", "task=fid", f"run_dir={tmp_path}", "fid.samples=x.pt",
+                       f"fid.weights={tmp_path / 'weights.pth'}"]))
 
 
 def test_real_inception_where_it_imports(tmp_path):
     """Where torch-fidelity imports and the weights are cached: 2048-d finite features of uint8 images."""
     try:
-        F._import_fidelity()
         F.inception_weights_path()
+        __import__("fkdiff.metrics.inception").metrics.inception._import_fidelity_extractor()
     except (F.FIDUnavailableError, FileNotFoundError) as e:
         pytest.skip(f"FID extractor unavailable here: {str(e)[:120]}")
     feats = F.inception_features()(F.to_uint8_edm(torch.rand(4, 3, 32, 32) * 2 - 1))

@@ -3,10 +3,18 @@
 queued kernels finish. Counted here on CPU by wrapping those Tensor methods, per SMC level, as the difference between
 a run of 12 and of 4 levels (setup and the final summary cancel), with each read attributed to its fkdiff source line.
 
-Measured (tiny class-conditional image student, 16 particles, HMC): see test_syncs_per_level_are_bookkeeping_only's
-message. The evaluation path (energy + score of a student through the FK model, sigma checks, the proposal move) makes
-none; what remains is the weight bookkeeping (ESS, log Z, counts of dead particles) and the kernel's acceptance and
-step-size adaptation. Only the ESS decision (resample or not) needs the host; the rest could stay on the device."""
+Measured (tiny class-conditional image student, 16 particles): without MCMC 12.9 reads per level before this change,
+2.0 after; with HMC 19.5 before, 4.6 after. What remains per level:
+- smc/weights.py: ONE read of the level's scalars together (ESS: the resampling decision; log-normaliser and the
+  previous one, for log Z; conditional ESS; counts of invalid / alive particles, which also decide the all-dead error);
+- smc/resampling.py: one read per resampling event (0.625 a level here), the resampler's check that the log-weights
+  hold no NaN/+inf and not all -inf (the resamplers are public functions that validate their input);
+- with an adapted MCMC kernel (mcmc.py): the population step size (a median, a host float the kernels and the
+  diagnostics use) before the move, and one read after it of the mean acceptance (the step-size adaptation) with the
+  move's divergent / non-finite counts; smc/diffusion_fk.py: whether the kernel returned positions the FK model
+  never evaluated (a rare path that then evaluates them);
+- smc/core.py `_degeneracy_messages`: once per run after the loop (it differs between the two runs, so it shows here).
+The per-level acceptance and unique-ancestor counts stay on the device and reach the host once, after the loop."""
 
 import collections
 import contextlib
@@ -20,9 +28,6 @@ from fkdiff.compose import conditioned
 from fkdiff.energy import build_student
 
 READS = ["item", "__float__", "__int__", "__bool__", "tolist", "numpy", "nonzero"]
-# the engine's weights, log Z and resampling, the kernel's acceptance and adaptation, and whether a kernel returned
-# positions the FK model's cache never evaluated (a rare path that then evaluates them)
-BOOKKEEPING = ("smc/weights.py", "smc/core.py", "smc/resampling.py", "mcmc.py", "smc/diffusion_fk.py:particles_at:")
 
 
 @contextlib.contextmanager
@@ -68,21 +73,34 @@ def student():
     return conditioned(st, 1)
 
 
+# the reads each level may make, by fkdiff source (module docstring), per level
+ALLOWED = {None: {"smc/weights.py:__init__": 1.0},
+           "hmc": {"smc/weights.py:__init__": 1.0, "mcmc.py:__call__": 1.0, "mcmc.py:scale_from_mean_squared_grad": 1.0,
+                   "smc/diffusion_fk.py:particles_at": 1.0}}
+PER_RUN_OR_RESAMPLE = ("smc/resampling.py:_unnormalised", "smc/core.py:_degeneracy_messages")
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("kernel", [None, "hmc"])
-def test_syncs_per_level_are_bookkeeping_only(student, kernel):
-    """No host read per level in the evaluation path (student energy/score, sigma handling, the FK model's moves and
-    caches): every one comes from the weight / log Z / kernel bookkeeping."""
+def test_one_read_of_the_weights_per_level(student, kernel):
+    """No host read per level in the evaluation path (student energy/score in chunks of max_batch, sigma handling,
+    the FK model's moves and caches). Each level reads its weights' scalars once (ESS, log Z terms, counts together);
+    the resampler one more time per resampling event; an adapted kernel its step size and, after the move, its
+    acceptance: nothing else."""
     per = _per_level(student, (3, 8, 8), mcmc.build({"kind": kernel, "num_leapfrog": 3}) if kernel else None,
                      max_batch=8)
-    outside = {k: v for k, v in per.items() if not k[1].startswith(BOOKKEEPING)}
-    assert not outside, f"host reads per level outside the bookkeeping: {outside}"
-    assert sum(per.values()) > 0  # the counter sees the engine's reads (the ESS decision at least)
+    sites = collections.Counter()
+    for (_, where), v in per.items():
+        sites[where.rsplit(":", 1)[0]] += v
+    resampling = sites.pop("smc/resampling.py:_unnormalised", 0.0)
+    assert 0 < resampling <= 1.0  # at most one read a level, only where it resamples
+    sites.pop("smc/core.py:_degeneracy_messages", None)  # after the loop (differs between the 4- and 12-level runs)
+    assert dict(sites) == ALLOWED[kernel], f"host reads per level: {sorted(per.items())}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 goal not reached: the weight bookkeeping (num_bad, num_alive, "
-                   "log_norm, log Z) and the kernel's acceptance / step-size adaptation still read the device each "
-                   "level (smc/weights.py, smc/core.py, mcmc.py)")
+@pytest.mark.xfail(strict=True, reason="issue 11 goal not fully reached: besides the ESS read, the resampler's input "
+                   "check (per resampling event) and, with an adapted kernel, its step size (a median), its acceptance "
+                   "(adaptation) and the FK model's unevaluated-positions check still read the device (module docstring)")
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_only_the_ess_decision_syncs(student):
     per = _per_level(student, (3, 8, 8), mcmc.build({"kind": "hmc", "num_leapfrog": 3}))

@@ -118,11 +118,13 @@ def test_classifier_frechet_distance_orders_sets(clf):
 
 
 @pytest.mark.skipif(M.fid_available(), reason="torchmetrics' Inception metrics import here")
-def test_fid_kid_clear_error_where_it_does_not_import():
-    """Here (ENVIRONMENT.md: torchvision does not import beside the CPU torch) the error says what to install."""
+def test_fid_kid_clear_error_where_it_does_not_import(tmp_path):
+    """Here (ENVIRONMENT.md: torchvision does not import beside the CPU torch) the error says what to install (the
+    weights, checked first, are a plain weights file)."""
     x = torch.zeros(4, 3, 16, 16)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
     with pytest.raises(M.FIDUnavailableError, match=r"pip install 'fkdiff\[fid\]'.*torchvision") as e:
-        M.fid_kid(x, x)
+        M.fid_kid(x, x, weights_path=tmp_path / "weights.pth")
     assert torch.__version__ in str(e.value)
     assert isinstance(e.value, ImportError)
 
@@ -138,7 +140,10 @@ def test_inception_weights_missing_says_where(tmp_path, monkeypatch):
         M.inception_weights_path(tmp_path / "nope.pth")
     f = tmp_path / "hub" / "checkpoints" / M.inception.INCEPTION_WEIGHTS_FILE
     f.parent.mkdir(parents=True)
-    f.write_bytes(b"")
+    f.write_bytes(b"")  # there, but not a weights file: refused (the one check of both FID paths, test_fid.py)
+    with pytest.raises(ValueError, match="not a plain weights file"):
+        M.inception_weights_path()
+    torch.save({"w": torch.zeros(2)}, f)
     assert M.inception_weights_path() == f
 
 
@@ -154,7 +159,7 @@ def test_to_uint8_rgb():
 def _weights_present() -> bool:
     try:
         M.inception_weights_path()
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return False
     return True
 

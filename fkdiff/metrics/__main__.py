@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     f.add_argument("real")
     f.add_argument("samples")
     f.add_argument("--weights", default=None)
+    f.add_argument("--weights-sha256", default=None, help="the weights file's expected sha256 (checked first)")
     f.add_argument("--key", default="resampled")
     f.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
                **M.composition_accuracy(x, _positions(args.positions), tol=args.tol).summary()}
     else:
         real, fake = load_images(args.real, args.key), load_images(args.samples, args.key)
-        out = {"real": str(args.real), "samples": str(args.samples), **M.fid_kid(real, fake, weights_path=args.weights)}
+        out = {"real": str(args.real), "samples": str(args.samples), **M.fid_kid(real, fake, weights_path=args.weights,
+                                                                           weights_sha256=args.weights_sha256)}
     text = json.dumps(out, indent=1)
     print(text)
     if getattr(args, "out", None) and args.cmd != "train-classifier":

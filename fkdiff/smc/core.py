@@ -71,7 +71,8 @@ class StepInfo(NamedTuple):
     weights: Weights  # the whole population's weights after weighting, before resampling
     ancestors: Tensor | None  # [N] global ancestor indices if this level resampled, else None
     log_Z_increment: float  # log sum_n W_{t-1}^n G_t^n
-    acceptance: float  # mean MCMC acceptance probability over the alive particles (NaN without MCMC)
+    acceptance: float | Tensor  # mean MCMC acceptance over the alive particles (NaN without MCMC; a 0-d device
+    # tensor after a move, moved to the host with the other per-level values after the loop)
     step_size: float  # MCMC step size (NaN without MCMC)
     num_evals: float  # target/proposal evaluations per particle at this level (propagation + MCMC)
     cess: float = math.nan  # conditional ESS of the incremental weights / N (Zhou, Johansen & Aston 2016)
@@ -118,8 +119,8 @@ class Collector:
 COLLECTORS: tuple[Collector, ...] = (
     Collector("ess", lambda i: i.weights.ess),
     Collector("resampled", lambda i: i.resampled, torch.bool, _any),
-    Collector("unique_ancestors", lambda i: int(torch.unique(i.ancestors).numel()) if i.resampled
-              else i.weights.num_alive, torch.int64),
+    Collector("unique_ancestors", lambda i: (torch.bincount(i.ancestors, minlength=i.weights.num) > 0).sum()
+              if i.resampled else i.weights.num_alive, torch.int64),  # bincount: no data-dependent shape (no sync)
     Collector("num_invalid", lambda i: i.weights.num_invalid, torch.int64),
     Collector("num_alive", lambda i: i.weights.num_alive, torch.int64),
     Collector("log_Z_increments", lambda i: i.log_Z_increment, islands=_combined_increments, only="weighted"),
@@ -231,17 +232,20 @@ def smc_step(
         both = pop.gather(torch.stack([prev_lw, lw], 1))
         prev_lw, lw = both[:, 0].contiguous(), both[:, 1].contiguous()
     n = lw.numel()  # N, the whole population
-    w = Weights(lw)
-    sigma = getattr(fk, "sigmas", None)
-    where = f"level {t}" + (f" (sigma = {float(sigma[t]):.6g})" if sigma is not None else "")
+    prev_norm = torch.logsumexp(prev_lw, 0)
+    extra = {"prev_norm": prev_norm}
+    if weighted_model(fk):
+        extra["cess"] = _cess(prev_lw - prev_norm, lw - prev_lw)
+    w = Weights(lw, extra)  # the level's one host read: ESS (the resampling decision), log Z terms, counts
     if w.all_dead:
+        sigma = getattr(fk, "sigmas", None)
+        where = f"level {t}" + (f" (sigma = {float(sigma[t]):.6g})" if sigma is not None else "")
         raise SMCError(
             f"all {n} particles have zero weight at {where}: {w.num_invalid} had NaN/inf weights or energies, the "
             "rest had weight zero (e.g. every particle violates a hard constraint)"
         )
-    prev_norm = torch.logsumexp(prev_lw, 0)
-    log_Z = state.log_Z + w.log_norm - float(prev_norm)
-    cess = _cess(prev_lw - prev_norm, lw - prev_lw) if weighted_model(fk) else math.nan
+    log_Z = state.log_Z + w.log_norm - w.extra["prev_norm"]
+    cess = w.extra.get("cess", math.nan)
     lw = pop.shard(w.lw)  # sanitised: NaN/+inf -> -inf, so nothing invalid is carried to the next level
     particles, eve, num_res, anc = cur, state.eve, state.num_resampled, None
     anc, lw_after = pop.resample(w, resampler, ess_threshold,
@@ -263,7 +267,8 @@ def smc_step(
         if pop is not LOCAL:
             both = pop.gather(torch.stack([a, alive.to(a.dtype)], 1))
             a, alive = both[:, 0].contiguous(), both[:, 1] > 0
-        acc = float(a[alive].mean()) if alive.any() else math.nan
+        # mean acceptance of the particles alive, NaN if none: a device scalar, read after the loop
+        acc = torch.where(alive.any(), (a * alive).sum() / alive.sum().clamp(min=1), torch.full_like(a[0], math.nan))
         step = _mcmc_step_size(mstate, info)
         evals += float(info.num_evals) + float(getattr(target, "extra_evals", 0.0))
     new_state = SMCState(particles, lw, log_Z, eve, num_res, mstate)
@@ -272,18 +277,29 @@ def smc_step(
                                cess=cess)
 
 
+def _level_tensor(values: list, dtype: torch.dtype) -> Tensor:
+    """`[T]` CPU tensor of a collector's per-level values: Python numbers, or 0-d device tensors (kept on the device
+    during the loop so that a level makes no host read for them) moved to the host together, once, after the loop."""
+    if not any(isinstance(v, Tensor) for v in values):
+        return torch.tensor(values, dtype=dtype)
+    device = next(v.device for v in values if isinstance(v, Tensor))
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values]).to(
+        "cpu", dtype)
+
+
 def weighted_model(fk: Any) -> bool:
     return bool(getattr(fk, "weighted", True))
 
 
-def _cess(prev_log_W: Tensor, log_g: Tensor) -> float:
+def _cess(prev_log_W: Tensor, log_g: Tensor) -> Tensor:
     """Conditional ESS of the incremental weights as a fraction of N (Zhou, Johansen & Aston 2016):
-    (sum_n W_{t-1}^n G_t^n)^2 / sum_n W_{t-1}^n (G_t^n)^2 in (0, 1]; 1 when G is constant over the particles."""
+    (sum_n W_{t-1}^n G_t^n)^2 / sum_n W_{t-1}^n (G_t^n)^2 in (0, 1]; 1 when G is constant over the particles; 0 when
+    no particle has a finite weight. A 0-d device tensor (read with the level's weights: no host read here)."""
     ok = (prev_log_W > -math.inf) & torch.isfinite(log_g)
-    if not bool(ok.any()):
-        return 0.0
-    a, g = prev_log_W[ok], log_g[ok]
-    return float(torch.exp(2 * torch.logsumexp(a + g, 0) - torch.logsumexp(a + 2 * g, 0)))
+    neg = torch.full_like(log_g, -math.inf)
+    a, g = torch.where(ok, prev_log_W, neg), torch.where(ok, log_g, torch.zeros_like(log_g))
+    value = torch.exp(2 * torch.logsumexp(a + g, 0) - torch.logsumexp(a + 2 * g, 0))
+    return torch.where(ok.any(), value, torch.zeros_like(value))
 
 
 @dataclass
@@ -497,7 +513,7 @@ def run_smc(
         for c in recorded:
             values[c.name].append(c.fn(info))
     per_level: dict[str, Tensor | None] = {c.name: None for c in COLLECTORS}
-    per_level.update({c.name: torch.tensor(values[c.name], dtype=c.dtype) for c in recorded})
+    per_level.update({c.name: _level_tensor(values[c.name], c.dtype) for c in recorded})
     final = Weights(pop.gather(state.log_w))
     samples = fk.finalize(state.particles) if hasattr(fk, "finalize") else state.particles.x
     if bool((final.lw == -math.inf).any()):

@@ -37,10 +37,11 @@ def _unnormalised(log_weights: Tensor) -> Tensor:
     if log_weights.ndim != 1 or log_weights.numel() == 0:
         raise ValueError(f"log_weights must have shape [N] with N >= 1, got {tuple(log_weights.shape)}")
     lw = log_weights.detach().to(torch.float64)
-    if torch.isnan(lw).any() or (lw == float("inf")).any():
-        raise ValueError("log_weights contain NaN or +inf; sanitise them (fkdiff.smc.weights.Weights) first")
     m = lw.max()
-    if m == float("-inf"):
+    invalid, all_zero = torch.stack([(torch.isnan(lw) | (lw == float("inf"))).any(), m == float("-inf")]).tolist()
+    if invalid:  # both checks in one host read
+        raise ValueError("log_weights contain NaN or +inf; sanitise them (fkdiff.smc.weights.Weights) first")
+    if all_zero:
         raise ValueError("cannot resample: every weight is zero (all log-weights are -inf)")
     return torch.exp(lw - m)
 
@@ -50,8 +51,9 @@ def inverse_cdf(u: Tensor, w: Tensor) -> Tensor:
     cdf = torch.cumsum(w, 0)
     total = cdf[-1]
     idx = torch.searchsorted(cdf, u.to(torch.float64) * total, right=True)
-    last_positive = int(torch.nonzero(w > 0).max())
-    return idx.clamp_(max=last_positive)
+    positions = torch.arange(w.numel(), device=w.device)
+    last_positive = torch.where(w > 0, positions, torch.zeros_like(positions)).max()  # on the device: no host read
+    return torch.minimum(idx, last_positive)
 
 
 def _check_num(num: int) -> int:

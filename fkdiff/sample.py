@@ -7,7 +7,7 @@ The `sample:` section of a recipe names the models and a composition expression,
         ring:  {kind: analytic, preset: ring8}                 # exact analytic teacher
         strip: {kind: energy, path: runs/distill/.../strip.pt}  # a distilled student (fkdiff.load_energy)
       target: product(ring, strip)
-      num_levels: 100
+      num_levels: 100                                         # or budget: 1000 (evaluations per particle, planned)
       mcmc: {num_steps: 1, num_leapfrog: 3}                   # the kernel itself: sample/mcmc=hmc (a config group)
 
 This module only wires library parts together:
@@ -81,13 +81,22 @@ def _potential_specs(opt: dict) -> dict:
             raise ValueError("sample.temperature (low-temperature tilt) needs sample.mode=twisted; "
                              "in sampler mode use the expression tempered(model, beta) instead")
         specs["temperature"] = {"kind": "low_temperature", "beta": float(opt["temperature"])}
-        steps = int((opt.get("mcmc") or {}).get("num_steps", 0) or 0)
+        steps = int((opt.get("mcmc") or {}).get("num_steps") or 1)  # null: the kernel's default, 1
         if float(opt["temperature"]) > 1.0 and steps < 4:
             warnings.warn(f"sample.temperature={opt['temperature']} with {steps} MCMC steps per level: the low "
                           "temperature moves mass between modes at small sigma and needs rejuvenation (measured: 4 HMC "
                           "steps per level, README 'Choosing the SMC settings'); set sample.mcmc.num_steps=4",
                           UserWarning, stacklevel=2)
     return specs
+
+
+def _kernel(opt: dict, target) -> "mcmc.Kernel | None":
+    """The rejuvenation kernel of `sample/mcmc`; with `sample.budget` and HMC's num_steps left null, the budget plan's
+    HMC steps per level (fkdiff.smc.adaptive.default_mcmc_steps: 4 for tempered(m, beta > 1), else 1)."""
+    spec = dict(opt.get("mcmc") or {})
+    if opt.get("budget") is not None and spec.get("kind", "hmc") == "hmc" and spec.get("num_steps") is None:
+        spec["num_steps"] = smc.adaptive.default_mcmc_steps(target) if opt.get("mode") is None else 1
+    return mcmc.build(spec)
 
 
 def _num_levels(opt: dict) -> int:
@@ -120,13 +129,15 @@ def run(cfg: DictConfig) -> dict:
     target = compose.parse(opt["target"], models)
     proposal = compose.parse(opt["proposal"], models) if opt.get("proposal") else None
     shape = tuple(opt.get("shape") or infer_shape(models))
-    num_levels = _num_levels(opt)
+    budget = opt.get("budget")
+    num_levels = None if budget is not None else _num_levels(opt)
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     population = smc.distributed.ShardedPopulation(island=bool(opt["island"])) if world_size > 1 else None
     result = smc.sample(
         target, opt["num_particles"], shape=shape, num_levels=num_levels, sigma_max=float(opt["sigma_max"]),
         sigma_min=float(opt["sigma_min"]), proposal=proposal, mode=opt["mode"],
-        potentials=[P.build(spec) for spec in _potential_specs(opt).values()], mcmc=mcmc.build(opt.get("mcmc")),
+        potentials=[P.build(spec) for spec in _potential_specs(opt).values()], mcmc=_kernel(opt, target),
+        budget=None if budget is None else float(budget),
         resample=opt["resample"], ess_threshold=float(opt["ess_threshold"]), final_denoise=bool(opt["final_denoise"]),
         init_std=opt.get("init_std"), generator=gen, device=device, max_batch=opt.get("max_batch"),
         progress=bool(opt["progress"]), population=population)
@@ -139,12 +150,15 @@ def run(cfg: DictConfig) -> dict:
             return dict(result.summary(), world_size=world_size)
     equal = result.resample(gen)
     saved = {"samples": result.samples.cpu(), "log_weights": result.log_weights.cpu(), "resampled": equal.cpu()}
+    num_levels = len(result.sigmas) if num_levels is None else num_levels
     diag = dict(result.summary(), target=opt["target"], num_particles=int(opt["num_particles"]), num_levels=num_levels,
                 **{k: None if v is None else v.tolist() for k, v in result.levels.items()},
                 sigmas=None if result.sigmas is None else result.sigmas.tolist(), warnings=list(result.warnings),
                 world_size=world_size)
     if island_log_z is not None:
         diag["island_log_Z"] = island_log_z.tolist()
+    if getattr(result, "plan", None) is not None:
+        diag["plan"] = result.plan
     baseline = None
     baseline_name = "naive reverse diffusion"
     if opt["compare_reverse_diffusion"] and (shape == (2,) or len(shape) == 3):

@@ -121,7 +121,7 @@ def test_budget_is_respected_and_recorded():
     assert plan["budget"] == 300 and 0.9 * 300 <= plan["used_evaluations"] <= 300
     assert plan["used_evaluations"] == pytest.approx(res.nfe + plan["pilot"]["evaluations_per_particle"])
     assert plan["num_levels"] == len(res.sigmas) and plan["schedule"].startswith("adaptive")
-    assert plan["estimator"] == "islands(8)" and res.log_Z_dof == 7.0
+    assert plan["estimator"] == "islands(4)" and res.log_Z_dof == 3.0
     assert float(res.sigmas[0]) == 80.0 and float(res.sigmas[-1]) == SMIN
     assert res.levels["cess"] is not None and bool((res.cess > 0).all() and (res.cess <= 1 + 1e-12).all())
     # spread of log Z over 50 seeds of this call (benchmarks/smc_coverage.py, gauss2d islands): sd 0.18; 4.5 sd
@@ -149,16 +149,16 @@ def test_budget_low_temperature_runs_twisted_and_explicit_sampler_mode_warns():
 
 @pytest.mark.slow
 def test_island_interval_coverage():
-    """Coverage of the reported 95% interval over 50 seeds of the budget default (benchmarks/smc_coverage.py measured
-    43/50 = 86% on this target; Lee-Whiteley 46/50 here, 37/50 on a 2D GMM product where islands gave 44/50). The
-    bound 0.74 is 2.4 binomial standard deviations below 86%: it fails for an estimator that understates the spread
-    by the 1.8x of Lee-Whiteley on the GMM product."""
+    """Coverage of the reported 95% interval over 50 seeds (50-99) of the budget default, 4 islands of 256
+    (benchmarks/smc_coverage.py measured 49/50 on these seeds; 8 islands of 128, the earlier default, covered 43/50 on
+    seeds 0-49, Lee-Whiteley 46/50). The bound 45/50 = 90% is the issue's lower target: it fails for the 8-island
+    interval's 86%."""
     target, log_z = _product()
     covered = 0
-    for seed in range(50):
+    for seed in range(50, 100):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = smc.sample(target, 1024, shape=(2,), budget=300, generator=torch.Generator().manual_seed(seed))
         lo, hi = res.log_Z_ci(0.95)
         covered += lo <= log_z <= hi
-    assert covered >= 37, covered
+    assert covered >= 45, covered

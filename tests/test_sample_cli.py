@@ -7,6 +7,7 @@ Tolerances for statistical checks follow tests/test_smc.py: a mode mass p from N
 Z_TOL = 4.5 standard errors of a variance inflated by INFLATION = 8 over the i.i.d. p (1 - p) / N.
 """
 
+import functools
 import json
 import math
 import os
@@ -46,6 +47,7 @@ def _masses(x, w, centers):
     return torch.zeros(len(centers), dtype=torch.float64).index_add_(0, idx, w.double())
 
 
+@functools.lru_cache(maxsize=None)
 def _exact_log_z_ring_strip(sigma: float) -> float:
     """log ∫ q_ring,sigma q_strip,sigma dx by a fine 2D grid (the strip confines x to about [-0.1, 0.1])."""
     r, s = ring8(), strip()
@@ -186,6 +188,27 @@ def test_num_particles_num_levels_and_sigma_range(tmp_path):
     with pytest.warns(DeprecationWarning, match="sample.num_levels"):
         old, _, _ = _run(tmp_path, "sample.num_steps=12", name="alias")
     assert old["num_levels"] == 12 and len(old["ess"]) == 12
+
+
+def test_budget_plans_levels_kernel_and_formulation(tmp_path):
+    """sample.budget=B: num_levels is ignored, the plan (diagnostics.json "plan") uses at most B evaluations per
+    particle and gets the product's exact log Z; a tempered(g, 3) target runs twisted with LowTemperature(3) and the
+    plan's 4 HMC steps per level (sample.mcmc.num_steps left null) and gets log ∫ p^3 (grid-exact)."""
+    diag, _, _ = _run(tmp_path, "sample.budget=120", "sample.num_particles=200", "sample.num_levels=7")
+    plan = json.loads((tmp_path / "run" / "diagnostics.json").read_text())["plan"]
+    assert plan["budget"] == 120 and 100 < plan["used_evaluations"] <= 120 and plan["schedule"] == "adaptive (pilot CESS)"
+    assert diag["num_levels"] == plan["num_levels"] == len(diag["sigmas"]) != 7
+    exact = _exact_log_z_ring_strip(0.002)
+    assert abs(diag["log_Z"] - exact) < 4 * diag["log_Z_se"] + 0.1, (diag["log_Z"], exact, diag["log_Z_se"])
+    w = [4.0, 1, 1, 1, 1, 1, 1, 1]
+    cold, _, _ = _run(tmp_path, _weighted_ring(w), "sample.target='tempered(g, 3)'", "sample.budget=150",
+                      "sample.num_particles=200", name="cold")
+    assert cold["plan"]["mode"] == "twisted" and "LowTemperature(3)" in cold["plan"]["formulation"]
+    assert "num_steps=4" in cold["plan"]["mcmc"] and cold["plan"]["used_evaluations"] <= 150
+    g = torch.linspace(-1.0, 1.0, 801, dtype=torch.float64)
+    log_z = float(torch.logsumexp(-3.0 * ring8(weights=w).energy(torch.cartesian_prod(g, g), 0.002), 0)) + 2 * math.log(
+        float(g[1] - g[0]))
+    assert abs(cold["log_Z"] - log_z) < 4 * cold["log_Z_se"] + 0.1, (cold["log_Z"], log_z, cold["log_Z_se"])
 
 
 def test_mode_twisted_without_potentials_is_the_proposal(tmp_path):
@@ -435,6 +458,7 @@ OPTION_TESTS = {
     "num_particles": "test_num_particles_num_levels_and_sigma_range",
     "num_levels": "test_num_particles_num_levels_and_sigma_range",
     "num_steps": "test_num_particles_num_levels_and_sigma_range",
+    "budget": "test_budget_plans_levels_kernel_and_formulation",
     "sigma_max": "test_num_particles_num_levels_and_sigma_range",
     "sigma_min": "test_num_particles_num_levels_and_sigma_range",
     "mode": "test_mode_twisted_without_potentials_is_the_proposal", "temperature": "test_temperature_sharpens_mode_masses",

@@ -21,8 +21,12 @@ The plan, each rule from a measurement (README "Choosing the SMC settings"):
   budget      T = floor((B - pilot evaluations per particle) / evaluations per level); the pilot's evaluations are
               charged to the budget as N_p T_p e / N per particle; `plan["used_evaluations"]` is the total per
               particle (pilot included), never more than B
-  estimator   `Islands(R)` (independent sub-populations, a log Z interval with R - 1 degrees of freedom) when N / R
-              keeps >= `min_island` particles per island, else the Lee–Whiteley genealogy estimator
+  estimator   `Islands(R)`, R = 4 (independent sub-populations, a log Z interval with R - 1 degrees of freedom) when
+              N / R keeps >= `min_island` particles per island, else the Lee–Whiteley genealogy estimator. R = 4, not
+              more: the island estimates Z_r are right-skewed at small islands, and the spread of few large ones
+              is too small exactly when Z_hat is low (the variance estimate is unbiased but correlates with the
+              error, +0.5 at R = 8); measured coverage of the 95% interval (benchmarks/smc_coverage.py, N = 1024,
+              B = 300): R = 8 x 128 86% / 88%, R = 4 x 256 in the 90-98% target
 
 Explicit knobs (num_levels / sigmas / mcmc / mode / population) are not overridden: `budget` is only used when no
 level count is given.
@@ -38,7 +42,7 @@ from torch import Tensor
 
 from fkdiff.smc.diffusion_fk import DiffusionFK, noise_levels
 
-__all__ = ["place_levels", "low_temperature_formulation", "sample_with_budget", "DEFAULTS"]
+__all__ = ["place_levels", "low_temperature_formulation", "default_mcmc_steps", "sample_with_budget", "DEFAULTS"]
 
 DEFAULTS = dict(
     num_leapfrog=3,  # HMC leapfrog steps per MCMC step
@@ -48,7 +52,7 @@ DEFAULTS = dict(
     pilot_min=64,
     pilot_level_fraction=4,  # pilot levels T_p = max(8, T / pilot_level_fraction)
     alpha=0.3,  # weight of the rho-schedule floor in the level density
-    num_islands=8,
+    num_islands=4,  # 4 x 256 at N = 1024: 93% coverage of the 95% interval (8 x 128: 87%; README, smc_coverage)
     min_island=128,  # particles per island needed before the island estimator is used
     disagreement_warn=10.0,  # warn when the islands' means disagree this many times more than their weights say
 )
@@ -87,6 +91,12 @@ def low_temperature_formulation(target: Any) -> tuple[Any, float] | None:
     if isinstance(target, Tempered) and target.beta > 1.0:
         return target.components[0], target.beta
     return None
+
+
+def default_mcmc_steps(target: Any) -> int:
+    """HMC steps per level the plan uses for `target`: 4 for a low temperature p^beta (beta > 1), else 1."""
+    key = "low_temperature_mcmc_steps" if low_temperature_formulation(target) is not None else "mcmc_steps"
+    return int(DEFAULTS[key])
 
 
 def _hmc(num_steps: int, num_leapfrog: int = 3):
@@ -142,6 +152,9 @@ def sample_with_budget(
     if t_total < 8:
         raise ValueError(f"budget={budget:g} evaluations per particle allows only {t_total} levels at {per_level} "
                          "evaluations per level: give a budget of at least " f"{8 * per_level}")
+    if population is not None and not isinstance(population, Islands) and population is not LOCAL:
+        raise NotImplementedError(f"budget= runs in one process (LOCAL or Islands populations), not with "
+                                  f"{type(population).__name__}: give num_levels for a sharded run")
     if population is None:
         r = cfg["num_islands"]
         population = Islands(r) if n % r == 0 and n // r >= cfg["min_island"] else LOCAL

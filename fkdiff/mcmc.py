@@ -28,7 +28,10 @@ a population scale (the median, so that a few boundary particles with huge gradi
 that tracks sigma for free, times a constant `c` adapted toward the kernel's `target_accept`:
     log c <- log c + adapt_gain * (mean acceptance - target_accept).
 The median and the mean run over the whole population: `gather` collects the rows held elsewhere (a sharded SMC
-population, fkdiff.smc.distributed), so every process uses and carries the same step size.
+population, fkdiff.smc.distributed), so every process uses and carries the same step size. The step size, log c and
+the adaptation's arithmetic stay on the particles' device as 0-d float64 tensors (the same IEEE operations as on
+host floats), so an adapted call reads nothing back to the host: its step size, mean acceptance and divergent /
+non-finite counts are device scalars (MCMCInfo), read by whoever reports them (the SMC engine, once after its loop).
 Unadjusted kernels do not adapt `c` (they have no acceptance to adapt on; their would-be Metropolis acceptance is
 reported as `info.mh_acceptance` at no extra evaluation): they use `init_scale` times the population scale, or the
 fixed step size. Adapting them on the would-be acceptance was tried and drove them past the integrator's stability
@@ -111,8 +114,7 @@ class MoveInfo:
     num_evals     logdensity+grad evaluations per particle
     num_divergent proposals (summed over particles and steps) with Hamiltonian/MH error > divergence_threshold
     num_nonfinite proposals rejected because logp, position or gradient was NaN/inf
-    (both counts 0-d int64 tensors on the particles' device: a move makes no host read; `StepSizeAdapter` reads them
-    with the mean acceptance in one transfer, and `MCMCInfo` holds them as ints)
+    (both counts 0-d int64 tensors on the particles' device: a move makes no host read; `MCMCInfo` keeps them so)
     """
 
     acceptance: Tensor
@@ -124,29 +126,32 @@ class MoveInfo:
 
 @dataclass(frozen=True)
 class MCMCState:
-    """Adaptation state carried from call to call (level to level): `log_scale` = log c, plus the last call's numbers."""
+    """Adaptation state carried from call to call (level to level): `log_scale` = log c, plus the last call's numbers.
+    `log_scale` starts as a float and becomes a 0-d float64 device tensor once adapted; `acceptance` and `step_size`
+    are 0-d device tensors after a call (a fixed step size stays a float): no host read in the loop."""
 
-    log_scale: float
+    log_scale: float | Tensor
     num_calls: int = 0
-    acceptance: float = math.nan  # population mean of the (would-be) Metropolis acceptance probability, last call
-    step_size: float = math.nan  # step size used by the last call
+    acceptance: float | Tensor = math.nan  # population mean of the (would-be) Metropolis acceptance, last call
+    step_size: float | Tensor = math.nan  # step size used by the last call
 
     @property
-    def scale(self) -> float:
-        return math.exp(self.log_scale)
+    def scale(self) -> float | Tensor:
+        return self.log_scale.exp() if isinstance(self.log_scale, Tensor) else math.exp(self.log_scale)
 
 
 @dataclass(frozen=True)
 class MCMCInfo:
     """Diagnostics of one adapted call (`StepSizeAdapter.__call__`): the move's `MoveInfo` fields, the step size it
-    used, and logp `[N]` / grad `[N, *event]` at the returned positions (pass them to the next call)."""
+    used (a 0-d float64 device tensor, or the kernel's fixed float), and logp `[N]` / grad `[N, *event]` at the
+    returned positions (pass them to the next call). The counts are 0-d int64 device tensors (no host read)."""
 
     acceptance: Tensor
     mh_acceptance: Tensor
-    step_size: float
+    step_size: float | Tensor
     num_evals: int
-    num_divergent: int
-    num_nonfinite: int
+    num_divergent: Tensor
+    num_nonfinite: Tensor
     logp: Tensor
     grad: Tensor
 
@@ -169,15 +174,20 @@ def _mean_squared(grad: Tensor) -> Tensor:
 
 def scale_from_mean_squared_grad(msg: Tensor) -> float:
     """`population_scale` from the per-particle mean squared gradients `msg` `[N]` (for callers that gather them)."""
-    msg = msg[torch.isfinite(msg)]
-    if msg.numel() == 0:
-        return 1.0
-    med = float(msg.median())
-    if not med > 0:
-        med = float(msg.mean())
-    if not (med > 0 and math.isfinite(med)):
-        return 1.0
-    return 1.0 / math.sqrt(med)
+    return float(_scale_from_mean_squared_grad(msg))
+
+
+def _scale_from_mean_squared_grad(msg: Tensor) -> Tensor:
+    """`scale_from_mean_squared_grad` as a 0-d float64 tensor on msg's device, with no host read: the median of the
+    finite entries (non-finite ones set to NaN, which nanmedian skips; the lower middle, as median), else their mean,
+    else 1."""
+    msg = msg.double()
+    msg = torch.where(torch.isfinite(msg), msg, torch.full_like(msg, math.nan))
+    med = msg.nanmedian()
+    med = torch.where(med > 0, med, msg.nanmean())
+    ok = (med > 0) & torch.isfinite(med)
+    one = torch.ones_like(med)
+    return torch.where(ok, 1.0 / torch.sqrt(torch.where(ok, med, one)), one)
 
 
 def _evaluate(logdensity_fn: LogDensityFn, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -216,6 +226,9 @@ class Kernel:
     divergence_threshold: float = 1000.0
 
     adjusted = True  # class attribute, overridden by the unadjusted kernels
+    # class attribute: `step` returns, row by row, its start or a proposal it evaluated through logdensity_fn (so a
+    # caller that memoises the evaluations, e.g. the SMC engine's diffusion FK model, needs no check for others)
+    returns_evaluated = True
 
     def __post_init__(self):
         if self.num_steps < 1:
@@ -303,28 +316,38 @@ class StepSizeAdapter:
     def for_population(self, population: Any = None) -> "StepSizeAdapter":
         return self.kernel.for_population(population)
 
+    @property
+    def returns_evaluated(self) -> bool:
+        """Whether every returned position was evaluated through logdensity_fn (`Kernel.returns_evaluated`)."""
+        return bool(getattr(self.kernel, "returns_evaluated", False))
+
     def init_state(self) -> MCMCState:
         return MCMCState(log_scale=math.log(self.kernel.init_scale))
 
-    def step_size(self, state: MCMCState, grad: Tensor) -> float:
-        """The step size of this call: the fixed one, or c * the population scale of `grad`, capped by max_step_size."""
+    def step_size(self, state: MCMCState, grad: Tensor) -> float | Tensor:
+        """The step size of this call: the fixed one (a float), or c * the population scale of `grad`, capped by
+        max_step_size (a 0-d float64 tensor on grad's device: no host read)."""
         k = self.kernel
         if k.step_size is not None:
             return float(k.step_size)
-        eps = math.exp(state.log_scale) * scale_from_mean_squared_grad(self.gather(_mean_squared(grad)))
+        log_c = torch.as_tensor(state.log_scale, dtype=torch.float64, device=grad.device)
+        eps = log_c.exp() * _scale_from_mean_squared_grad(self.gather(_mean_squared(grad)))
         if k.max_step_size is not None:
-            eps = min(eps, float(k.max_step_size))
+            eps = eps.clamp(max=float(k.max_step_size))
         return eps
 
-    def update(self, state: MCMCState, mh_acceptance: Tensor, eps: float) -> MCMCState:
+    def update(self, state: MCMCState, mh_acceptance: Tensor, eps: float | Tensor) -> MCMCState:
         """The state after a call at step `eps` whose per-particle Metropolis probabilities were `mh_acceptance`."""
-        return self._adapt(state, float(self.gather(mh_acceptance.detach().double()).mean()), eps)
+        return self._adapt(state, self.gather(mh_acceptance.detach().double()).mean(), eps)
 
-    def _adapt(self, state: MCMCState, mean_acc: float, eps: float) -> MCMCState:
+    def _adapt(self, state: MCMCState, mean_acc: Tensor, eps: float | Tensor) -> MCMCState:
+        """log c <- clamp(log c + adapt_gain (mean_acc - target_accept)) where mean_acc is finite, on the device."""
         k = self.kernel
         log_c = state.log_scale
-        if k.step_size is None and k.adjusted and math.isfinite(mean_acc):
-            log_c = min(max(log_c + k.adapt_gain * (mean_acc - k.target_accept), _LOG_C_MIN), _LOG_C_MAX)
+        if k.step_size is None and k.adjusted:
+            log_c = torch.as_tensor(log_c, dtype=torch.float64, device=mean_acc.device)
+            moved = (log_c + k.adapt_gain * (mean_acc - k.target_accept)).clamp(_LOG_C_MIN, _LOG_C_MAX)
+            log_c = torch.where(torch.isfinite(mean_acc), moved, log_c)
         return replace(state, log_scale=log_c, num_calls=state.num_calls + 1, acceptance=mean_acc, step_size=eps)
 
     def __call__(
@@ -348,13 +371,14 @@ class StepSizeAdapter:
             logp = logp.detach().double()
             chain, extra = ChainState(x.detach(), torch.where(torch.isnan(logp), torch.full_like(logp, -math.inf), logp),
                                       grad.detach().to(x.dtype)), 0
-        eps = self.step_size(state, chain.grad)  # a host read (the median), unless the step size is fixed
+        eps = self.step_size(state, chain.grad)  # a device scalar (the median stays there), or the fixed float
         chain, move = self.kernel.step(chain, logdensity_fn, eps, generator)
         mean_acc = self.gather(move.mh_acceptance.detach().double()).mean()
-        mean_acc, n_div, n_bad = torch.stack([mean_acc, torch.as_tensor(move.num_divergent).to(mean_acc),
-                                              torch.as_tensor(move.num_nonfinite).to(mean_acc)]).tolist()  # one read
+        dev = move.acceptance.device
         info = MCMCInfo(acceptance=move.acceptance, mh_acceptance=move.mh_acceptance, step_size=eps,
-                        num_evals=move.num_evals + extra, num_divergent=int(n_div), num_nonfinite=int(n_bad),
+                        num_evals=move.num_evals + extra,
+                        num_divergent=torch.as_tensor(move.num_divergent, dtype=torch.int64, device=dev),
+                        num_nonfinite=torch.as_tensor(move.num_nonfinite, dtype=torch.int64, device=dev),
                         logp=chain.logp, grad=chain.grad)
         return chain.x, self._adapt(state, mean_acc, eps), info
 

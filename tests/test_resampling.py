@@ -93,6 +93,29 @@ def test_registry_and_errors():
         RESAMPLERS["systematic"](torch.tensor([0.0, math.nan]), 3, None)
 
 
+@pytest.mark.parametrize("scheme", sorted(RESAMPLERS))
+def test_check_false_skips_only_the_input_check(scheme):
+    """`check=False` (what the SMC engine uses on its sanitised weights, whose number alive it has already read):
+    the same ancestors from the same draws, without the host read of the validity check; called directly (the
+    default) the resamplers still reject NaN/+inf and all -inf input."""
+    from test_host_syncs import count_host_reads
+
+    lw = torch.randn(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lw[3] = -math.inf
+    a = RESAMPLERS[scheme](lw, 40, torch.Generator().manual_seed(7))
+    with count_host_reads() as c:
+        b = get_resampler(scheme, check=False)(lw, 40, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    assert not [k for k in c if k[1].startswith("smc/resampling.py:_unnormalised")]
+    assert get_resampler(scheme) is RESAMPLERS[scheme]
+    custom = lambda lw, num, generator: torch.zeros(num, dtype=torch.int64)  # noqa: E731
+    assert get_resampler(custom, check=False) is custom  # a user's resampler is called as it is
+    with pytest.raises(ValueError, match="every weight is zero"):
+        RESAMPLERS[scheme](torch.full((3,), -math.inf), 3, None)
+    with pytest.raises(ValueError, match="NaN"):
+        RESAMPLERS[scheme](torch.tensor([0.0, math.inf]), 3, None)
+
+
 def test_weights_helper():
     lw = torch.tensor([0.0, math.log(3.0), math.nan, math.inf, -math.inf], dtype=torch.float32)
     w = Weights(lw)

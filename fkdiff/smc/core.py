@@ -73,7 +73,7 @@ class StepInfo(NamedTuple):
     log_Z_increment: float  # log sum_n W_{t-1}^n G_t^n
     acceptance: float | Tensor  # mean MCMC acceptance over the alive particles (NaN without MCMC; a 0-d device
     # tensor after a move, moved to the host with the other per-level values after the loop)
-    step_size: float  # MCMC step size (NaN without MCMC)
+    step_size: float | Tensor  # MCMC step size (NaN without MCMC; a 0-d device tensor when adapted)
     num_evals: float  # target/proposal evaluations per particle at this level (propagation + MCMC)
     cess: float = math.nan  # conditional ESS of the incremental weights / N (Zhou, Johansen & Aston 2016)
 
@@ -188,9 +188,12 @@ class Population:
 LOCAL = Population()
 
 
-def _mcmc_step_size(mstate: Any, info: Any) -> float:
+def _mcmc_step_size(mstate: Any, info: Any) -> float | Tensor:
+    """The kernel's step size: a float, or a 0-d device tensor (kept there; read after the loop)."""
     for obj, name in ((info, "step_size"), (mstate, "step_size")):
         v = getattr(obj, name, None)
+        if isinstance(v, Tensor) and v.numel() == 1:
+            return v.detach().reshape(())
         if isinstance(v, (int, float)):
             return float(v)
     return math.nan
@@ -261,7 +264,10 @@ def smc_step(
         target = fk.mcmc_target(t, particles)
         x_new, mstate, info = mcmc(particles.x, target.logdensity_fn, generator=generator, state=mstate,
                                    logp=target.logp, grad=target.grad)
-        particles = target.particles_at(x_new.detach())
+        if getattr(mcmc, "returns_evaluated", False):  # structural: no check for positions never evaluated
+            particles = target.particles_at(x_new.detach(), evaluated=True)
+        else:
+            particles = target.particles_at(x_new.detach())
         alive = lw > -math.inf
         a = info.acceptance.detach().double()
         if pop is not LOCAL:
@@ -483,7 +489,7 @@ def run_smc(
         raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
     if mcmc is not None and not callable(getattr(fk, "mcmc_target", None)):
         raise TypeError(f"{type(fk).__name__} has no mcmc_target(t, particles): it does not support MCMC rejuvenation")
-    resampler = get_resampler(resample)
+    resampler = get_resampler(resample, check=False)  # Weights: sanitised, and not all dead (checked in the level)
     if mcmc is not None and callable(getattr(mcmc, "for_population", None)):
         mcmc = mcmc.for_population(pop)  # step size chosen and adapted over the whole population (fkdiff.mcmc)
     t0 = time.perf_counter()

@@ -372,8 +372,10 @@ class _MCMCTarget:
         lg = ev["log_gamma"]
         return torch.where(torch.isnan(lg), torch.full_like(lg, -math.inf), lg), ev["grad"]
 
-    def particles_at(self, x_new: Tensor) -> Particles:
-        """The cached bundle at the kernel's output positions `[N, *event]`."""
+    def particles_at(self, x_new: Tensor, *, evaluated: bool = False) -> Particles:
+        """The cached bundle at the kernel's output positions `[N, *event]`. `evaluated`: the kernel guarantees every
+        row is the current position or one it evaluated here (`fkdiff.mcmc.Kernel.returns_evaluated`), so the
+        check for rows never evaluated (a host read) is skipped; otherwise such rows are evaluated now."""
         n = x_new.shape[0]
         src = torch.full((n,), -1, dtype=torch.long, device=x_new.device)
         for j in range(len(self._memo) - 1, -1, -1):
@@ -391,7 +393,7 @@ class _MCMCTarget:
                 out = torch.where(_bc(src == j, out), self._memo[j][1][k], out)
             fields[k] = out.clone() if out is ref else out
         miss = src < 0
-        if miss.any():  # a kernel that returned positions it never evaluated: evaluate those rows now
+        if not evaluated and miss.any():  # a kernel that returned positions it never evaluated: evaluate those rows now
             ev = self.fk.evaluate(self.t, x_new[miss], with_proposal=False)
             for k in self._FIELDS:
                 if fields[k] is not None:

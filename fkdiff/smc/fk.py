@@ -71,7 +71,9 @@ class MCMCTarget(Protocol):
     logp: Tensor  # [N] float64 at the current particles
     grad: Tensor  # [N, *event]
 
-    def particles_at(self, x_new: Tensor) -> Particles: ...
+    def particles_at(self, x_new: Tensor, *, evaluated: bool = False) -> Particles: ...
+    # evaluated=True (passed only for a kernel with `returns_evaluated`, e.g. every fkdiff.mcmc kernel): every row of
+    # x_new is one at which logdensity_fn was called (or the current particles)
 
     @property
     def num_evals(self) -> int: ...

@@ -17,11 +17,14 @@ Zero-weight safety: the inverse CDF picks the first n with C_n > u for the *unno
 and u scaled by C_N. A particle with weight exactly 0 has an empty interval [C_{n-1}, C_n) and is never returned;
 u >= C_N (possible only by float rounding) is mapped to the last particle with positive weight. Log-weights are
 promoted to float64 before exponentiation, so a float32 input whose weights underflow in float32 still resamples
-correctly. NaN and +inf log-weights are rejected (sanitise them with `fkdiff.smc.weights.Weights` first).
+correctly. NaN and +inf log-weights are rejected (sanitise them with `fkdiff.smc.weights.Weights` first), and so
+are all -inf: a check that reads the device once per call; `check=False` skips it for a caller that already knows
+(the SMC engine: its `Weights` are sanitised and their number alive was read with the ESS).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -32,12 +35,16 @@ __all__ = ["multinomial", "stratified", "systematic", "residual", "RESAMPLERS", 
 Resampler = Callable[[Tensor, int, "torch.Generator | None"], Tensor]
 
 
-def _unnormalised(log_weights: Tensor) -> Tensor:
-    """exp(log_weights - max) in float64 `[N]`, after validating the input."""
+def _unnormalised(log_weights: Tensor, check: bool = True) -> Tensor:
+    """exp(log_weights - max) in float64 `[N]`, after validating the input (`check`: one host read of its values;
+    False for a caller that already knows them free of NaN/+inf and not all -inf, e.g. the SMC engine, whose
+    sanitised `Weights` have read the number alive in the level's one read)."""
     if log_weights.ndim != 1 or log_weights.numel() == 0:
         raise ValueError(f"log_weights must have shape [N] with N >= 1, got {tuple(log_weights.shape)}")
     lw = log_weights.detach().to(torch.float64)
     m = lw.max()
+    if not check:
+        return torch.exp(lw - m)
     invalid, all_zero = torch.stack([(torch.isnan(lw) | (lw == float("inf"))).any(), m == float("-inf")]).tolist()
     if invalid:  # both checks in one host read
         raise ValueError("log_weights contain NaN or +inf; sanitise them (fkdiff.smc.weights.Weights) first")
@@ -63,35 +70,39 @@ def _check_num(num: int) -> int:
     return num
 
 
-def multinomial(log_weights: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+def multinomial(log_weights: Tensor, num: int, generator: torch.Generator | None = None, *,
+                check: bool = True) -> Tensor:
     """i.i.d. draws from Cat(W). `[num]` int64."""
-    w = _unnormalised(log_weights)
+    w = _unnormalised(log_weights, check)
     num = _check_num(num)
     u = torch.rand(num, generator=generator, dtype=torch.float64, device=w.device)
     return inverse_cdf(u, w)
 
 
-def stratified(log_weights: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+def stratified(log_weights: Tensor, num: int, generator: torch.Generator | None = None, *,
+               check: bool = True) -> Tensor:
     """One uniform per stratum [m/num, (m+1)/num). `[num]` int64."""
-    w = _unnormalised(log_weights)
+    w = _unnormalised(log_weights, check)
     num = _check_num(num)
     v = torch.rand(num, generator=generator, dtype=torch.float64, device=w.device)
     u = (torch.arange(num, dtype=torch.float64, device=w.device) + v) / num
     return inverse_cdf(u, w)
 
 
-def systematic(log_weights: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+def systematic(log_weights: Tensor, num: int, generator: torch.Generator | None = None, *,
+               check: bool = True) -> Tensor:
     """One shared uniform offset for all strata. `[num]` int64."""
-    w = _unnormalised(log_weights)
+    w = _unnormalised(log_weights, check)
     num = _check_num(num)
     v = torch.rand(1, generator=generator, dtype=torch.float64, device=w.device)
     u = (torch.arange(num, dtype=torch.float64, device=w.device) + v) / num
     return inverse_cdf(u, w)
 
 
-def residual(log_weights: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+def residual(log_weights: Tensor, num: int, generator: torch.Generator | None = None, *,
+             check: bool = True) -> Tensor:
     """floor(num W) deterministic copies plus multinomial draws from the residuals. `[num]` int64."""
-    w = _unnormalised(log_weights)
+    w = _unnormalised(log_weights, check)
     num = _check_num(num)
     nw = num * w / w.sum()
     copies = torch.floor(nw).to(torch.int64)
@@ -121,10 +132,12 @@ RESAMPLERS: dict[str, Resampler] = {
 }
 
 
-def get_resampler(scheme: str | Resampler) -> Resampler:
-    """A scheme by name (see RESAMPLERS) or a callable with the resampler signature."""
+def get_resampler(scheme: str | Resampler, *, check: bool = True) -> Resampler:
+    """A scheme by name (see RESAMPLERS) or a callable with the resampler signature. `check=False`: a built-in
+    scheme that skips its input check (for sanitised log-weights known not to be all -inf); a callable is returned
+    as it is either way."""
     if callable(scheme):
         return scheme
     if scheme not in RESAMPLERS:
         raise KeyError(f"unknown resampling scheme {scheme!r}; available: {', '.join(sorted(RESAMPLERS))}")
-    return RESAMPLERS[scheme]
+    return RESAMPLERS[scheme] if check else functools.partial(RESAMPLERS[scheme], check=False)

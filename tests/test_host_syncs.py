@@ -10,7 +10,8 @@ now 1.0; with HMC 19.5, then 4.6, now 1.0. The one read left per level:
 What no longer reads: the resampler's input check (the engine calls it with check=False: its Weights are sanitised and
 not all dead, known from that one read; called directly the resamplers still check); the adapted MCMC kernel's step
 size (the median), log c and its adaptation from the mean acceptance, and the move's divergent / non-finite counts
-(0-d device tensors, fkdiff.mcmc); the FK model's check for moved positions it never evaluated (skipped for kernels
+(0-d device tensors, fkdiff.mcmc; only c = exp(log c) is taken on the host, with math.exp as before, from log c read
+along with the level's weights); the FK model's check for moved positions it never evaluated (skipped for kernels
 that return only positions they evaluated, `Kernel.returns_evaluated`: every fkdiff.mcmc kernel).
 smc/core.py `_degeneracy_messages` reads once per run after the loop (it differs between the two runs, so it shows
 here). The per-level acceptance, step size and unique-ancestor counts stay on the device and reach the host once,

@@ -27,6 +27,7 @@ particles in this process; `fkdiff.smc.distributed` shards them over `torch.dist
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -239,7 +240,12 @@ def smc_step(
     extra = {"prev_norm": prev_norm}
     if weighted_model(fk):
         extra["cess"] = _cess(prev_lw - prev_norm, lw - prev_lw)
+    mstate = state.mcmc_state
+    if isinstance(getattr(mstate, "log_scale", None), Tensor) and hasattr(mstate, "log_scale_host"):
+        extra["mcmc_log_scale"] = mstate.log_scale  # the adapted log c rides along (fkdiff.mcmc.MCMCState)
     w = Weights(lw, extra)  # the level's one host read: ESS (the resampling decision), log Z terms, counts
+    if "mcmc_log_scale" in extra:
+        mstate = dataclasses.replace(mstate, log_scale_host=w.extra["mcmc_log_scale"])
     if w.all_dead:
         sigma = getattr(fk, "sigmas", None)
         where = f"level {t}" + (f" (sigma = {float(sigma[t]):.6g})" if sigma is not None else "")
@@ -259,7 +265,6 @@ def smc_step(
         lw = torch.zeros_like(lw) if lw_after is None else lw_after
         num_res += 1
     acc, step, evals = math.nan, math.nan, float(fk.num_evals(t)) if hasattr(fk, "num_evals") else 1.0
-    mstate = state.mcmc_state
     if mcmc is not None:
         target = fk.mcmc_target(t, particles)
         x_new, mstate, info = mcmc(particles.x, target.logdensity_fn, generator=generator, state=mstate,

@@ -336,7 +336,9 @@ class StepSizeAdapter:
         log_c = state.log_scale
         if isinstance(log_c, Tensor):  # outside the SMC engine (which passes its value): a host read
             log_c = state.log_scale_host if state.log_scale_host is not None else float(log_c)
-        # math.exp on the host: torch's exp differs from it in the last bit for ~0.5% of arguments
+        # math.exp on the host: torch's exp differs from it in the last bit for ~0.5% of arguments. (torch.sqrt in the
+        # population scale also differs from math.sqrt in the last bit for ~1% of float64 arguments on this CPU, so
+        # adapted runs are not bit-identical to the host-float version: see issue 11's report)
         eps = math.exp(log_c) * _scale_from_mean_squared_grad(self.gather(_mean_squared(grad)))
         if k.max_step_size is not None:
             eps = eps.clamp(max=float(k.max_step_size))

@@ -41,6 +41,7 @@ VARIANTS: dict[str, list[str]] = {
     "emb16_only": ["distill.levels.weight=0"],              # the smooth embedding without the level term
     "levels_w0.3": ["distill.levels.weight=0.3"],
     "levels_w0.03": ["distill.levels.weight=0.03"],
+    "extra_rows": ["distill.levels.rows=extra"],            # the pairs on extra rows: the batch keeps the training law
 }
 
 

@@ -104,7 +104,7 @@ def step_time(names: list[str], steps: int = 60, repeats: int = 3) -> dict:
         ((_, teacher, dm),) = _jobs(cfg)
         dm.setup("fit")
         torch.manual_seed(0)
-        student, _ = _build_student(cfg, teacher, dm)
+        student = _build_student(cfg, teacher, dm)[0]
         setups[n] = (student, teacher, build_loss(cfg.distill, student.sigma_data),
                      torch.optim.Adam(student.parameters(), lr=1e-3))
     x_all = setups["baseline"][1].sample(256 * steps, generator=torch.Generator().manual_seed(0)).float()

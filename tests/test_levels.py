@@ -166,6 +166,8 @@ def test_level_term_on_extra_rows_keeps_the_training_law():
         s_r, e_r = loss.draw_pairs(x0[rank::2], torch.Generator().manual_seed(0), (rank, 2))
         torch.testing.assert_close(s_r[32:], sigma[64:72][rank::2].repeat(2))
         torch.testing.assert_close(e_r[32:], torch.cat([eps[64:72][rank::2], eps[72:80][rank::2]]))
+        x_r, _ = loss.expand(x0[rank::2], None, 2)  # rank r's pairs join its local rows i and 16 + i, i < 4
+        torch.testing.assert_close(x_r[32:], torch.cat([x0[rank::2][:4], x0[rank::2][16:20]]))
     with pytest.raises(ValueError, match="rows must be shared or extra"):
         LevelMatchingLoss(0.5, rows="both")
 

@@ -110,12 +110,12 @@ class LevelMatchingLoss(DenoiserMatchingLoss):
         sigma[:pr], sigma[half:half + pr] = sig, sig
         return sigma, eps
 
-    def expand(self, x0: Tensor, cond: Any) -> tuple[Tensor, Any]:
+    def expand(self, x0: Tensor, cond: Any, world: int = 1) -> tuple[Tensor, Any]:
         """The rows the noise of `draw_pairs` applies to: x0 itself (rows "shared"), or x0 followed by its pair rows
         i and i + B/2, i < P_r (rows "extra"), and their conditions."""
         if self.rows == "shared":
             return x0, cond
-        pr, half = self.pair_rows(x0.shape[0], 1)  # per-process rows: checked against the world in draw_pairs
+        pr, half = self.pair_rows(x0.shape[0], world)
         idx = torch.cat([torch.arange(x0.shape[0]), torch.arange(pr), half + torch.arange(pr)]).to(x0.device)
         return x0[idx], None if cond is None else cond[idx]
 
@@ -128,7 +128,7 @@ class LevelMatchingLoss(DenoiserMatchingLoss):
         sigma, eps = self.draw_pairs(x0, generator, shard)
         b = x0.shape[0]
         pr, half = self.pair_rows(b, shard[1])
-        x0, cond = self.expand(x0, cond)
+        x0, cond = self.expand(x0, cond, shard[1])
         x_noisy = x0 + append_dims(sigma, x0.ndim) * eps
         with torch.no_grad():
             target = denoise(teacher, x_noisy, sigma, cond).to(x0.dtype)

@@ -365,6 +365,7 @@ def test_recipes_train_with_the_level_term_by_default_and_it_switches_off(recipe
     loss = build_loss(cfg.distill, 0.5)
     assert isinstance(loss, LevelMatchingLoss) and loss.level_weight == 0.1 and loss.law.lo == 0.002
     assert loss.global_pairs(int(cfg.data.batch_size), 1) == int(cfg.data.batch_size) // 4
+    assert loss.rows == ("extra" if recipe == "toy2d" else "shared")  # toy2d: the batch keeps its sigma law
     for key, value in (("levels.weight", 0), ("target", "data")):  # the off switch; E-DSM stays plain E-DSM
         off = OmegaConf.to_container(cfg.distill, resolve=True)
         OmegaConf.update(off := OmegaConf.create(off), key, value)

@@ -355,13 +355,18 @@ def test_non_conservative_teacher_is_projected_and_the_residual_reports_r(tmp_pa
 
 
 @pytest.mark.parametrize("recipe", ["toy2d", "digits"])  # the image recipes share config.yaml's distill.levels
-def test_recipes_train_with_the_level_term_by_default_and_it_switches_off(recipe):
+def test_the_toy2d_recipe_trains_with_the_level_term_images_opt_in_and_it_switches_off(recipe):
+    """toy2d: the level term by default (it wins there on 3 seeds); image recipes: off by default (on the digits_small
+    student it made the small-sigma relative energies worse, README), on with distill.levels.weight=0.1."""
     from omegaconf import OmegaConf
 
     from fkdiff.distill import build_loss
     from fkdiff.recipes import compose
 
     cfg = compose([f"recipe={recipe}"])
+    if recipe != "toy2d":
+        assert type(build_loss(cfg.distill, 0.5)) is DenoiserMatchingLoss
+        cfg = compose([f"recipe={recipe}", "distill.levels.weight=0.1"])
     loss = build_loss(cfg.distill, 0.5)
     assert isinstance(loss, LevelMatchingLoss) and loss.level_weight == 0.1 and loss.law.lo == 0.002
     assert loss.global_pairs(int(cfg.data.batch_size), 1) == int(cfg.data.batch_size) // 4

@@ -11,8 +11,8 @@ Results accumulate in <out>/results.json (a finished (variant, seed) is not reru
 <out>/summary.md (a table: median [min, max] over seeds) and <out>/summary.png.
 `--timing` measures the training-step time of each variant against the baseline (same process, interleaved).
 
-    python benchmarks/energy_levels.py --variants baseline default --seeds 0 1 2 --summary
-    python benchmarks/energy_levels.py --timing --variants default
+    python benchmarks/energy_levels.py --variants baseline shared_rows default --seeds 0 1 2 --summary
+    python benchmarks/energy_levels.py --timing --variants shared_rows default
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ COMMON = ["logger.kind=none", "trainer.enable_progress_bar=false", "distill.plot
           "+trainer.enable_model_summary=false", "distill.diagnostics_every_n_steps=0"]
 
 # name -> overrides of the toy2d recipe (the default recipe). Since issue 9 the recipe trains with the level term
-# (distill.levels.weight=0.1, a quarter of the batch in pairs) and a smooth noise embedding (noise_scale 16);
-# "baseline" is the recipe before it: the projection loss alone with EDM's embedding (noise_scale 250).
+# (distill.levels.weight=0.1, pairs of a quarter of the batch on extra rows: distill.levels.rows=extra) and a smooth
+# noise embedding (noise_scale 16); "baseline" is the recipe before it: the projection loss alone with EDM's embedding
+# (noise_scale 250); "shared_rows" the level term with its pairs taken from the batch's own rows (the default before).
 VARIANTS: dict[str, list[str]] = {
     "baseline": ["distill.levels.weight=0", "student.backbone.noise_scale=250"],
     "default": [],
+    "shared_rows": ["distill.levels.rows=shared"],
     "levels_only": ["student.backbone.noise_scale=250"],   # the level term with EDM's embedding
     "emb16_only": ["distill.levels.weight=0"],              # the smooth embedding without the level term
     "levels_w0.3": ["distill.levels.weight=0.3"],
@@ -103,7 +105,7 @@ def step_time(names: list[str], steps: int = 60, repeats: int = 3) -> dict:
         ((_, teacher, dm),) = _jobs(cfg)
         dm.setup("fit")
         torch.manual_seed(0)
-        student, _ = _build_student(cfg, teacher, dm)
+        student = _build_student(cfg, teacher, dm)[0]
         setups[n] = (student, teacher, build_loss(cfg.distill, student.sigma_data),
                      torch.optim.Adam(student.parameters(), lr=1e-3))
     x_all = setups["baseline"][1].sample(256 * steps, generator=torch.Generator().manual_seed(0)).float()

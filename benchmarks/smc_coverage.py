@@ -67,6 +67,8 @@ def main(argv=None):
     p.add_argument("--islands", type=int, default=None, help="islands R for the islands estimator (default: the plan's)")
     p.add_argument("--targets", nargs="+", default=None)
     p.add_argument("--estimators", nargs="+", default=["islands", "lw"])
+    p.add_argument("--proposal-variance", default=None, choices=["ancestral", "euler"],
+                   help="the proposal variance passed to smc.sample (default: the plan's)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="smc_coverage", help="file stem of the results")
     args = p.parse_args(argv)
@@ -78,11 +80,12 @@ def main(argv=None):
         for est in args.estimators:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 pop = (smc.Islands(args.islands) if args.islands else None) if est == "islands" else smc.core.LOCAL
+                kw = {"proposal_variance": args.proposal_variance} if args.proposal_variance else {}
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     res = smc.sample(target, args.particles, shape=(dim,), budget=args.budget, population=pop,
-                                     generator=torch.Generator().manual_seed(seed))
+                                     generator=torch.Generator().manual_seed(seed), **kw)
                 lo, hi = res.log_Z_ci(0.95)
                 isl = None
                 if est == "islands":  # each island's own log Z_r = log Z_hat + log(R p_r), p_r its final weight

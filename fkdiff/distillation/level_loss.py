@@ -40,8 +40,11 @@ class LevelMatchingLoss(DenoiserMatchingLoss):
     `world` processes: its local rows i and i + B_local/2, P/world of them; the pairs' noise is drawn for the whole
     global batch and sliced per rank, so the term does not depend on the process count). A pair's common sigma is
     log-uniform in [sigma_lo, sigma_hi] (`fkdiff.levels.PairSigmaLaw`: an error of the time score costs the same at
-    every ln sigma) instead of the training law, so the projection loss sees the mixture (1 - 2P/B)
-    LogNormal(p_mean, p_std) + (2P/B) LogUniform: more mass at small sigma, where the levels are set. The teacher's
+    every ln sigma). `rows`: "shared" -- the pairs are rows of the batch, their sigma replaces the training law's,
+    so the projection loss sees the mixture (1 - 2P/B) LogNormal(p_mean, p_std) + (2P/B) LogUniform (more mass at
+    small sigma, where the levels are set); "extra" -- the pairs are 2P rows more (x0 rows i and i + B/2 again, with
+    their own noise) on the same autograd call, the projection loss keeps the B rows of its training law (1 + 2P/B
+    rows per step). The teacher's
     divergence: `divergence` "exact" (central differences along every axis), "hutchinson" (`num_probes` Rademacher
     probes) or "auto" (exact for d <= `exact_max_dim`). Only for `target="teacher"`: the teacher's time score is the
     target.
@@ -54,7 +57,7 @@ class LevelMatchingLoss(DenoiserMatchingLoss):
     def __init__(self, sigma_data: float, target: str = "teacher", p_mean: float = P_MEAN, p_std: float = P_STD,
                  weighting: str = "edm", *, weight: float = 0.1, num_pairs: int | None = None,
                  sigma_lo: float = SIGMA_MIN, sigma_hi: float = 1.0, divergence: str = "auto", num_probes: int = 1,
-                 exact_max_dim: int = 8, fd_step: float | None = None,
+                 exact_max_dim: int = 8, fd_step: float | None = None, rows: str = "shared",
                  sigma_range: tuple[float, float] | None = None):
         super().__init__(sigma_data, target, p_mean, p_std, weighting, sigma_range)
         if self.sigma_range is not None:  # the pairs' sigma stays inside the teacher's range too
@@ -68,6 +71,9 @@ class LevelMatchingLoss(DenoiserMatchingLoss):
             raise ValueError(f"level term: num_pairs must be >= 1 (or None: a quarter of the batch), got {num_pairs}")
         if divergence not in ("auto", "exact", "hutchinson"):
             raise ValueError(f"level term: divergence must be auto, exact or hutchinson, got {divergence!r}")
+        if rows not in ("shared", "extra"):
+            raise ValueError(f"level term: rows must be shared or extra, got {rows!r}")
+        self.rows = rows
         self.level_weight, self.num_pairs = float(weight), None if num_pairs is None else int(num_pairs)
         self.law = PairSigmaLaw(float(sigma_lo), float(sigma_hi))
         self.divergence, self.num_probes, self.exact_max_dim = divergence, int(num_probes), int(exact_max_dim)
@@ -87,14 +93,31 @@ class LevelMatchingLoss(DenoiserMatchingLoss):
 
     def draw_pairs(self, x0: Tensor, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
                    ) -> tuple[Tensor, Tensor]:
-        """(sigma `[B]`, eps) as `draw`, with the pair rows' sigma replaced by the pairs' common sigma."""
+        """rows "shared": (sigma `[B]`, eps) as `draw`, with the pair rows' sigma replaced by the pairs' common sigma.
+        rows "extra": (sigma `[B + 2 P_r]`, eps `[B + 2 P_r, *event]`): `draw`'s B rows (the training law, untouched)
+        followed by the 2 P_r pair rows (x0 rows i and i + B/2, i < P_r) with their own noise."""
         sigma, eps = self.draw(x0, generator, shard)
         rank, world = shard
         pr, half = self.pair_rows(x0.shape[0], world)
-        sig = self.law.draw(self.global_pairs(x0.shape[0], world), generator)[rank::world].to(sigma)
+        p = self.global_pairs(x0.shape[0], world)
+        sig = self.law.draw(p, generator)[rank::world].to(sigma)
+        if self.rows == "extra":
+            shape = (p, *x0.shape[1:])
+            eps_a = torch.randn(shape, generator=generator, dtype=eps.dtype)[rank::world].to(eps.device)
+            eps_b = torch.randn(shape, generator=generator, dtype=eps.dtype)[rank::world].to(eps.device)
+            return torch.cat([sigma, sig, sig]), torch.cat([eps, eps_a, eps_b])
         sigma = sigma.clone()
         sigma[:pr], sigma[half:half + pr] = sig, sig
         return sigma, eps
+
+    def expand(self, x0: Tensor, cond: Any, world: int = 1) -> tuple[Tensor, Any]:
+        """The rows the noise of `draw_pairs` applies to: x0 itself (rows "shared"), or x0 followed by its pair rows
+        i and i + B/2, i < P_r (rows "extra"), and their conditions."""
+        if self.rows == "shared":
+            return x0, cond
+        pr, half = self.pair_rows(x0.shape[0], world)
+        idx = torch.cat([torch.arange(x0.shape[0]), torch.arange(pr), half + torch.arange(pr)]).to(x0.device)
+        return x0[idx], None if cond is None else cond[idx]
 
     def __call__(self, student: Callable, teacher: Callable | None, x0: Tensor, cond: Any,
                  generator: torch.Generator, shard: tuple[int, int] = (0, 1)):
@@ -103,19 +126,24 @@ class LevelMatchingLoss(DenoiserMatchingLoss):
         if not (getattr(student, "training", True) and torch.is_grad_enabled()):
             return super().__call__(student, teacher, x0, cond, generator, shard)
         sigma, eps = self.draw_pairs(x0, generator, shard)
+        b = x0.shape[0]
+        pr, half = self.pair_rows(b, shard[1])
+        x0, cond = self.expand(x0, cond, shard[1])
         x_noisy = x0 + append_dims(sigma, x0.ndim) * eps
         with torch.no_grad():
             target = denoise(teacher, x_noisy, sigma, cond).to(x0.dtype)
         _, grad, ts = energy_grad_and_time_score(student, x_noisy, sigma, cond, create_graph=True)
         denoised = x_noisy - append_dims(sigma, x0.ndim) ** 2 * grad  # D_theta = x - sigma^2 grad E (Tweedie)
-        loss = self.weight(sigma) * (denoised - target).flatten(1).pow(2).sum(1)
-        pr, half = self.pair_rows(x0.shape[0], shard[1])
-        rows = torch.cat([torch.arange(pr), half + torch.arange(pr)]).to(x0.device)
+        if self.rows == "shared":
+            rows = torch.cat([torch.arange(pr), half + torch.arange(pr)]).to(x0.device)
+        else:  # the projection loss keeps the B rows of the training law; the pairs are the rows after them
+            rows = torch.arange(b, b + 2 * pr, device=x0.device)
+        loss = self.weight(sigma[:b]) * (denoised[:b] - target[:b]).flatten(1).pow(2).sum(1)
         div = divergence_kind(self.divergence, x0[0].numel(), self.exact_max_dim)
         t = teacher_time_score(teacher, x_noisy[rows], sigma[rows], None if cond is None else cond[rows],
                                divergence=div, num_probes=self.num_probes, step=self.fd_step, generator=generator,
                                denoised=target[rows])
         q = ts[rows] - t.to(ts.dtype)
         dq = q[:pr] - q[pr:]
-        return LevelMatchingOutput(loss, sigma, x_noisy, denoised, target, self.level_weight * 0.5 * dq.pow(2),
-                                   sigma[:pr], dq.detach())
+        return LevelMatchingOutput(loss, sigma[:b], x_noisy[:b], denoised[:b], target[:b],
+                                   self.level_weight * 0.5 * dq.pow(2), sigma[rows[:pr]], dq.detach())

@@ -54,7 +54,9 @@ DEFAULTS = dict(
     alpha=0.3,  # weight of the rho-schedule floor in the level density
     num_islands=4,  # 4 x 256 at N = 1024: 93% coverage of the 95% interval (8 x 128: 87%; README, smc_coverage)
     min_island=128,  # particles per island needed before the island estimator is used
-    disagreement_warn=10.0,  # warn when the islands' means disagree this many times more than their weights say
+    disagreement_warn=3.5,  # warn when the islands' means disagree this many times more than their weights say
+    # (picked on the stored budget-default rows, seeds 0-4: above every run within 2x the floor (max 3.07);
+    # rates on fresh seeds in README, Benchmarks)
 )
 
 
@@ -200,6 +202,7 @@ def sample_with_budget(
             warnings.warn(msg, SMCDegeneracyWarning, stacklevel=3)
     res.plan = dict(budget=budget, used_evaluations=used, num_levels=int(sigmas.numel()),
                     schedule="adaptive (pilot CESS)" if pilot else "rho", mode=mode, formulation=formulation,
-                    mcmc=repr(mcmc), evaluations_per_level=per_level, estimator=estimator, pilot=pilot,
+                    mcmc=repr(mcmc), proposal_variance=fk_kwargs.get("proposal_variance", "ancestral"),
+                    evaluations_per_level=per_level, estimator=estimator, pilot=pilot,
                     island_disagreement=disagreement)
     return res

@@ -25,6 +25,7 @@ are all -inf: a check that reads the device once per call; `check=False` skips i
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable
 
 import torch
@@ -133,11 +134,14 @@ RESAMPLERS: dict[str, Resampler] = {
 
 
 def get_resampler(scheme: str | Resampler, *, check: bool = True) -> Resampler:
-    """A scheme by name (see RESAMPLERS) or a callable with the resampler signature. `check=False`: a built-in
-    scheme that skips its input check (for sanitised log-weights known not to be all -inf); a callable is returned
-    as it is either way."""
+    """A scheme by name (see RESAMPLERS) or a callable with the resampler signature. `check=False`: a scheme that
+    takes a `check` argument (the built-ins) skips its input check (for sanitised log-weights known not to be all
+    -inf); any other function (a callable, or one a user registered without `check`) is returned as it is."""
     if callable(scheme):
         return scheme
     if scheme not in RESAMPLERS:
         raise KeyError(f"unknown resampling scheme {scheme!r}; available: {', '.join(sorted(RESAMPLERS))}")
-    return RESAMPLERS[scheme] if check else functools.partial(RESAMPLERS[scheme], check=False)
+    fn = RESAMPLERS[scheme]
+    if check or "check" not in inspect.signature(fn).parameters:
+        return fn
+    return functools.partial(fn, check=False)

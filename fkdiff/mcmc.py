@@ -134,9 +134,6 @@ class MCMCState:
     num_calls: int = 0
     acceptance: float | Tensor = math.nan  # population mean of the (would-be) Metropolis acceptance, last call
     step_size: float | Tensor = math.nan  # step size used by the last call
-    # log_scale's value already on the host, or None: the SMC engine reads it with the level's weights (the one read
-    # of the level), so c = math.exp(log c) is computed on the host, exactly as before, with no read of its own
-    log_scale_host: float | None = None
 
     @property
     def scale(self) -> float | Tensor:
@@ -333,13 +330,8 @@ class StepSizeAdapter:
         k = self.kernel
         if k.step_size is not None:
             return float(k.step_size)
-        log_c = state.log_scale
-        if isinstance(log_c, Tensor):  # outside the SMC engine (which passes its value): a host read
-            log_c = state.log_scale_host if state.log_scale_host is not None else float(log_c)
-        # math.exp on the host: torch's exp differs from it in the last bit for ~0.5% of arguments. (torch.sqrt in the
-        # population scale also differs from math.sqrt in the last bit for ~1% of float64 arguments on this CPU, so
-        # adapted runs are not bit-identical to the host-float version: see issue 11's report)
-        eps = math.exp(log_c) * _scale_from_mean_squared_grad(self.gather(_mean_squared(grad)))
+        c = state.scale  # exp(log c): on the device once adapted (no host read)
+        eps = c * _scale_from_mean_squared_grad(self.gather(_mean_squared(grad)))
         if k.max_step_size is not None:
             eps = eps.clamp(max=float(k.max_step_size))
         return eps
@@ -356,8 +348,7 @@ class StepSizeAdapter:
             log_c = torch.as_tensor(log_c, dtype=torch.float64, device=mean_acc.device)
             moved = (log_c + k.adapt_gain * (mean_acc - k.target_accept)).clamp(_LOG_C_MIN, _LOG_C_MAX)
             log_c = torch.where(torch.isfinite(mean_acc), moved, log_c)
-        return replace(state, log_scale=log_c, num_calls=state.num_calls + 1, acceptance=mean_acc, step_size=eps,
-                       log_scale_host=None if isinstance(log_c, Tensor) else state.log_scale_host)
+        return replace(state, log_scale=log_c, num_calls=state.num_calls + 1, acceptance=mean_acc, step_size=eps)
 
     def __call__(
         self,

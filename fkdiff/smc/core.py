@@ -27,7 +27,6 @@ particles in this process; `fkdiff.smc.distributed` shards them over `torch.dist
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -241,11 +240,7 @@ def smc_step(
     if weighted_model(fk):
         extra["cess"] = _cess(prev_lw - prev_norm, lw - prev_lw)
     mstate = state.mcmc_state
-    if isinstance(getattr(mstate, "log_scale", None), Tensor) and hasattr(mstate, "log_scale_host"):
-        extra["mcmc_log_scale"] = mstate.log_scale  # the adapted log c rides along (fkdiff.mcmc.MCMCState)
     w = Weights(lw, extra)  # the level's one host read: ESS (the resampling decision), log Z terms, counts
-    if "mcmc_log_scale" in extra:
-        mstate = dataclasses.replace(mstate, log_scale_host=w.extra["mcmc_log_scale"])
     if w.all_dead:
         sigma = getattr(fk, "sigmas", None)
         where = f"level {t}" + (f" (sigma = {float(sigma[t]):.6g})" if sigma is not None else "")

@@ -1,5 +1,5 @@
-"""The papers' image claims at a CPU scale, on a class-conditional digits energy student (recipe digits_small), and on
-exact image models where the answers are known.
+"""The papers' image claims at a CPU scale, on a class-conditional digits energy student (recipe digits_small), a
+position-conditional shapes student (recipe shapes_small) and exact image models where the answers are known.
 
 Sub-commands, each writing `<out>/results.json`, `<out>/results.md` and a figure under `benchmarks/results/image_<name>`
 (`grid.png`: 16 equally weighted samples per row, titled with the row, nfe, log Z, min ESS/N and what it is judged by):
@@ -23,6 +23,13 @@ Sub-commands, each writing `<out>/results.json`, `<out>/results.md` and a figure
                  satisfy it).
     exact        the three claims on exact Gaussian mixtures over the mean 8x8 digits (closed-form answers); each
                  claim row says whether it holds with a margin of 3 standard errors of N (`--quick`: the test suite).
+    shapes       composing objects (Du et al. 2023 table 2) on a position-conditional `shapes_small` student: for 1..5
+                 requested positions (`SHAPES_PIXELS`, nested), Du et al. eq. 13 E(x) + sum_i (E(x|p_i) - E(x)) (the
+                 null condition is the unconditional model; `--shapes-target product`: sum_i E(x|p_i)); accuracy =
+                 fraction of samples with an object at every requested position (the exact detector,
+                 `fkdiff.metrics.composition_accuracy`); rows reverse diffusion (summed scores), annealed ULA, annealed
+                 HMC, SMC, SMC + HMC, and with `--teacher` the teacher's scores with annealed ULA (Du et al.'s score
+                 baseline: a teacher has no energy, ULA needs none), all at `--budget` evaluations per particle.
 
 SMC stops at `--sigma-min` (default 0.05, then one denoising step): the digits student used here was distilled before
 the level term, and its relative levels are off by 13 nats rms at 0.05 (`levels`), so the weights are not trusted
@@ -34,6 +41,7 @@ defaults are the committed results):
     python benchmarks/image_claims.py temperature --student S --classifier C
     python benchmarks/image_claims.py bound --student S --classifier C
     python benchmarks/image_claims.py exact
+    python benchmarks/image_claims.py shapes --student S --teacher T        # S, T: shapes_small student, teacher
     python benchmarks/image_claims.py compose --quick --student S ...     # seconds: N=8 (the test suite)
 """
 
@@ -60,7 +68,7 @@ from image_smc_sizing import PeakRSS, bind, matched_init_std  # noqa: E402
 from fkdiff import compose, load_energy, mcmc, samplers, smc  # noqa: E402
 from fkdiff.smc import SMCDegeneracyWarning, SMCError  # noqa: E402
 
-EXPERIMENTS = ("compose", "temperature", "bound", "levels", "exact")
+EXPERIMENTS = ("compose", "temperature", "bound", "levels", "exact", "shapes")
 
 
 def _kernel(name: str):
@@ -187,13 +195,19 @@ def _fmt(v) -> str:
 
 
 def _write(out: Path, meta: dict, rows: list[dict], columns: list[str], samples: dict, title: str) -> dict:
-    if samples:
+    shapes = meta.get("experiment") == "shapes"
+    if shapes:
+        _shapes_figure(samples, rows, out / "grid.png", title)
+    elif samples:
         _save_grid(samples, rows, out / "grid.png", title)
     else:
         _levels_figure(rows, out / "levels.png", title)
     lines = [f"# {title}", "", f"Command: `{meta['command']}`", "",
-             f"Machine: {meta['machine']}. {meta['note']}", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+             f"Machine: {meta['machine']}. {meta['note']}", ""]
+    if shapes:
+        lines += ["Accuracy (fraction of samples with an object at every requested position, +- binomial SE):", "",
+                  *shapes_table(rows), "", "All rows:", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     result = {"meta": meta, "rows": rows, "grid": str(out / ("grid.png" if samples else "levels.png"))}
@@ -536,10 +550,166 @@ def exp_levels(student, clf, args) -> tuple[list, dict, list[str], str]:
                             "(nats; < 0: the product prefers the " f"{y1}), student vs teacher")
 
 
+# -- shapes: composing objects (Du et al. 2023 table 2) -----------------------------------------------------------
+
+# requested object centres (row, col) on the 16x16 canvas, nested: k objects = the first k. Inside the border
+# (objects of half-size 1) and at Chebyshev distance >= 4 from each other (the data's minimum separation).
+SHAPES_PIXELS = ((3, 3), (12, 12), (3, 12), (12, 3), (7, 8))
+
+
+def shapes_positions(canvas: int = 16) -> torch.Tensor:
+    """The requested positions `[5, 2]` (normalised (x, y), the `shapes` condition) of SHAPES_PIXELS on a canvas."""
+    from fkdiff.data.shapes import pixel_to_position
+
+    scale = canvas / 16
+    return pixel_to_position(torch.tensor([[round(r * scale), round(c * scale)] for r, c in SHAPES_PIXELS]), canvas)
+
+
+def shapes_target(model, positions: torch.Tensor, kind: str):
+    """The composition of the position conditionals of `model` (a student or a teacher denoiser) for the requested
+    positions `[k, 2]`: Du et al. eq. 13, E(x) + sum_i (E(x|p_i) - E(x)) (the unconditional model is the null
+    condition, a NaN position), or the plain product sum_i E(x|p_i). One position: the conditional itself (both
+    forms; eq. 13's unconditional coefficient is 1 - 1 = 0, so it is not evaluated)."""
+    conds = [compose.conditioned(model, p) for p in positions]
+    if len(conds) == 1:
+        return conds[0]
+    if kind == "product":
+        return compose.product(*conds)
+    return compose.conditional(compose.conditioned(model, torch.full((2,), math.nan)), conds)
+
+
+def shapes_rows(budget: float) -> list[tuple[str, str, str, dict]]:
+    """The table-2 rows at `budget` target evaluations per particle: (label, model, sampler, options). A level costs
+    1 evaluation, plus 1 with ULA(1), plus 3 with HMC(1 step, 3 leapfrog)."""
+    b = int(budget)
+    return [("reverse diffusion (summed scores)", "student", "reverse_diffusion", dict(num_levels=b)),
+            ("annealed ULA", "student", "annealed_mcmc", dict(num_levels=max(2, b // 2), mcmc=mcmc.ULA(1))),
+            ("annealed HMC", "student", "annealed_mcmc", dict(num_levels=max(2, b // 4), mcmc=mcmc.HMC(1, 3))),
+            ("SMC", "student", "smc", dict(num_levels=b, mcmc=None)),
+            ("SMC+HMC", "student", "smc", dict(num_levels=max(2, b // 4), mcmc=mcmc.HMC(1, 3))),
+            ("teacher: annealed ULA (scores)", "teacher", "annealed_mcmc",
+             dict(num_levels=max(2, b // 2), mcmc=mcmc.ULA(1)))]
+
+
+def exp_shapes(student, clf, args) -> tuple[list, dict, list[str], str]:
+    """Composing objects (Du et al. 2023 sec. 5.2, table 2) on a position-conditional `shapes` student: for k = 1..5
+    requested positions, accuracy = the fraction of (equally weighted) samples with an object at every requested
+    position (`fkdiff.metrics.composition_accuracy`, the exact detector), every row at `--budget` evaluations per
+    particle; the teacher (a score field, no energy) with annealed ULA is Du et al.'s score baseline."""
+    from fkdiff.metrics import composition_accuracy
+    from teachers import load_teacher
+
+    if getattr(getattr(student, "f", None), "cond_emb", None) is None or student.f.cond_emb.kind != "position":
+        raise SystemExit("shapes needs a position-conditional student (recipe shapes_small)")
+    teacher = load_teacher(args.teacher) if args.teacher else None
+    shape = tuple(student.event_shape)
+    positions = shapes_positions(shape[-1])
+    opts = dict(shape=shape, sigma_max=args.sigma_max, sigma_min=args.sigma_min, max_batch=args.max_batch,
+                eval_dtype=torch.float32)
+    fns = {"smc": smc.sample, "reverse_diffusion": samplers.reverse_diffusion, "annealed_mcmc": samplers.annealed_mcmc}
+    rows, samples = [], {}
+    for k in args.objects:
+        pos = positions[:k]
+        targets = {"student": shapes_target(student, pos, args.shapes_target)}
+        if teacher is not None:
+            targets["teacher"] = shapes_target(teacher, pos, args.shapes_target)
+        # every row of a column starts from the Gaussian closest to the student's composition at sigma_max
+        opts["init_std"] = matched_init_std(targets["student"], args.sigma_max, shape,
+                                            torch.Generator().manual_seed(10_000 + args.seed),
+                                            max_batch=args.max_batch, num=32 if args.quick else 128)
+        for label, who, kind, o in shapes_rows(args.budget):
+            if who not in targets or (args.rows and not any(r in label for r in args.rows)):
+                continue
+            t = targets[who]
+            row, x, res = run_row(f"{k} objects: {label}", lambda g, kind=kind, o=o, t=t: fns[kind](
+                t, args.num_particles, generator=g, **o, **opts), args.seed)
+            row.update(sampler=label, model=who, objects=k, budget=args.budget, init_std=opts["init_std"],
+                       positions=pos.tolist(), per_level=_per_level(res))
+            if x is not None:
+                sc = composition_accuracy(x, pos)
+                flat = x.flatten(1).double()
+                # diversity: SMC's equally weighted samples can all descend from a few level-0 particles (num_eves),
+                # so its binomial SE (of N independent samples) is then too small; the table names the lineages
+                row.update(accuracy=sc.accuracy, accuracy_se=sc.se, per_position=sc.per_position.tolist(),
+                           mean_num_objects=float(sc.num_objects.float().mean()),
+                           num_distinct=int(torch.unique(flat, dim=0).shape[0]),
+                           mean_pairwise_rms=float(torch.pdist(flat).mean() / math.sqrt(flat.shape[1])),
+                           lineages=row["num_eves"] if row["num_eves"] is not None else x.shape[0])
+                print(f"    accuracy {sc.accuracy:.3f} +- {sc.se:.3f}, per position "
+                      f"{[round(v, 2) for v in sc.per_position.tolist()]}", flush=True)
+            rows.append(row)
+            samples[row["row"]] = x
+    cols = ["row", "num_particles", "levels", "nfe", "accuracy", "accuracy_se", "mean_num_objects", "lineages",
+            "num_distinct", "mean_pairwise_rms", "min_ess_frac", "min_unique_ancestors", "mean_acceptance", "log_Z",
+            "wall_s", "peak_rss_mib"]
+    form = "eq. 13" if args.shapes_target == "eq13" else "product"
+    return rows, samples, cols, (f"shapes: objects at 1..{max(args.objects)} requested positions ({form}, "
+                                 f"{args.budget:g} evaluations per particle, N = {args.num_particles})")
+
+
+def shapes_table(rows: list[dict]) -> list[str]:
+    """Markdown: accuracy (+- binomial SE of N samples) per sampler (rows) and number of objects (columns); where the
+    samples descend from fewer than N level-0 particles (SMC), their number of lineages."""
+    ks = sorted({r["objects"] for r in rows})
+    names = list(dict.fromkeys(r["sampler"] for r in rows))
+    by = {(r["sampler"], r["objects"]): r for r in rows}
+    out = ["| sampler | nfe | " + " | ".join(f"{k} object{'s' if k > 1 else ''}" for k in ks) + " |",
+           "|---|---|" + "---|" * len(ks)]
+    for n in names:
+        cells = []
+        for k in ks:
+            r = by.get((n, k))
+            if r is None or r.get("accuracy") is None:
+                cells.append("-")
+                continue
+            lin = r["lineages"]
+            cells.append(f"{r['accuracy']:.2f} +- {r['accuracy_se']:.2f}" + (
+                f" ({lin} lineage{'s' if lin > 1 else ''})" if lin < r["num_particles"] else ""))
+        nfe = next((by[(n, k)]["nfe"] for k in ks if (n, k) in by), None)
+        out.append(f"| {n} | {_fmt(nfe)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _shapes_figure(samples: dict, rows: list[dict], path: Path, title: str) -> None:
+    """Samplers down, numbers of objects across; each panel 16 samples (4 x 4), the requested positions marked with
+    small rings on the top-left image, titled with the accuracy."""
+    from fkdiff import plotting
+    from fkdiff.data.shapes import position_to_pixel
+
+    plt = plotting._pyplot()
+    ks = sorted({r["objects"] for r in rows})
+    names = list(dict.fromkeys(r["sampler"] for r in rows))
+    fig, axes = plt.subplots(len(names), len(ks), figsize=(2.3 * len(ks) + 1.2, 2.5 * len(names)), squeeze=False,
+                             layout="constrained")
+    for i, n in enumerate(names):
+        for j, k in enumerate(ks):
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            r = next((r for r in rows if r["sampler"] == n and r["objects"] == k), None)
+            x = None if r is None else samples.get(r["row"])
+            if j == 0:
+                ax.set_ylabel(textwrap.fill(n, 18), fontsize=8)
+            if i == 0:
+                ax.set_title(f"{k} object{'s' if k > 1 else ''}\n", fontsize=9)
+            if x is None:
+                continue
+            pad, h = 1, x.shape[-1]
+            ax.imshow(plotting.image_grid(x[:16], pad=pad).numpy(), interpolation="nearest")
+            rc = position_to_pixel(torch.tensor(r["positions"]), h)
+            ax.scatter(rc[:, 1], rc[:, 0], s=40, facecolors="none", edgecolors="white", linewidths=0.8)
+            lin = "" if r["lineages"] >= r["num_particles"] else f"\n{r['lineages']} lineage(s) of {r['num_particles']}"
+            ax.text(0.5, 1.01, f"acc {r['accuracy']:.2f} +- {r['accuracy_se']:.2f}, nfe {r['nfe']:.0f}{lin}",
+                    transform=ax.transAxes, ha="center", va="bottom", fontsize=7)
+    fig.suptitle(textwrap.fill(title + "; rings: the requested positions (on the first image of each panel); "
+                               "acc: fraction with an object at every one", 30 + 25 * len(ks)), fontsize=9)
+    plotting.save(fig, path)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=EXPERIMENTS)
-    p.add_argument("--student", default=None, help="a class-conditional digits energy student (student.pt)")
+    p.add_argument("--student", default=None, help="a class-conditional digits energy student (student.pt); shapes: "
+                   "a position-conditional shapes student")
     p.add_argument("--classifier", default=None, help="a digits classifier (fkdiff.metrics.save_classifier)")
     p.add_argument("--num-particles", type=int, default=None, help="default 256 (compose), 64 (temperature, bound)")
     p.add_argument("--budget", type=float, default=100.0, help="compose: target evaluations per particle per row")
@@ -560,18 +730,25 @@ def main(argv=None) -> dict:
     p.add_argument("--threshold", type=float, default=-0.8)
     p.add_argument("--exact-std", type=float, default=0.35, help="exact: std of each image Gaussian")
     p.add_argument("--exact-budget", type=float, default=260.0, help="exact: the low temperature's SMC budget")
-    p.add_argument("--teacher", default=None, help="levels: the teacher checkpoint (teacher.pt)")
+    p.add_argument("--teacher", default=None, help="levels: the teacher checkpoint (teacher.pt); shapes: the teacher "
+                   "(teacher.pt or a teachers.train .ckpt) for the score baseline row (skipped without it)")
+    p.add_argument("--objects", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="shapes: numbers of requested "
+                   "positions (columns)")
+    p.add_argument("--shapes-target", default="eq13", choices=["eq13", "product"], help="shapes: Du et al. eq. 13 "
+                   "(with the null condition as the unconditional model) or the product of the conditionals")
     p.add_argument("--num-pairs", type=int, default=16, help="levels: pairs of real digits")
     p.add_argument("--level-sigmas", nargs="+", type=float, default=[0.05, 0.1, 0.3, 1.0])
     p.add_argument("--sigma-ref", type=float, default=5.0, help="levels: where the teacher's line integral is taken")
     p.add_argument("--num-probes", type=int, default=8, help="levels: Hutchinson probes per divergence")
     p.add_argument("--out", default=None, help="default benchmarks/results/image_<experiment>")
     p.add_argument("--quick", action="store_true", help="seconds (the test suite): N=8, 4 levels, budget 32, one "
-                   "target; exact: N=64, 20 levels")
+                   "target; exact: N=64, 20 levels; shapes: N=8, budget 8, 1 and 2 objects")
     args = p.parse_args(argv)
     if args.num_particles is None:
         args.num_particles = 256 if args.experiment in ("compose", "exact") else 64
-    if args.quick and args.experiment == "exact":  # the direction of each claim, asserted by the test suite
+    if args.quick and args.experiment == "shapes":
+        args.num_particles, args.budget, args.objects = 8, 8.0, [1, 2]
+    elif args.quick and args.experiment == "exact":  # the direction of each claim, asserted by the test suite
         args.num_particles, args.levels, args.exact_budget = 64, 20, 160.0
     elif args.quick:
         args.num_particles, args.levels, args.budget = 8, 4, 32.0
@@ -581,13 +758,17 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     from fkdiff.metrics import load_classifier
 
-    if args.experiment != "exact" and not (args.student and args.classifier):
+    if args.experiment == "shapes" and not args.student:
+        p.error("shapes needs --student (a shapes_small student; --teacher adds the score baseline)")
+    if args.experiment not in ("exact", "shapes") and not (args.student and args.classifier):
         p.error(f"{args.experiment} needs --student and --classifier")
+    if any(not 1 <= k <= len(SHAPES_PIXELS) for k in args.objects):
+        p.error(f"--objects must lie in 1..{len(SHAPES_PIXELS)}")
     student = load_energy(args.student) if args.student else None
     clf = load_classifier(args.classifier) if args.classifier else None
     print(f"[image_claims] {args.experiment}: N={args.num_particles}, {args.levels} levels, {args.mcmc}", flush=True)
     fn = {"compose": exp_compose, "temperature": exp_temperature, "bound": exp_bound,
-          "levels": exp_levels, "exact": exp_exact}[args.experiment]
+          "levels": exp_levels, "exact": exp_exact, "shapes": exp_shapes}[args.experiment]
     rows, samples, cols, title = fn(student, clf, args)
     meta = {"command": "python benchmarks/image_claims.py " + " ".join(shlex.quote(a) for a in
                                                                          (argv if argv is not None else sys.argv[1:])),
@@ -596,7 +777,7 @@ def main(argv=None) -> dict:
             "note": f"sigma {args.sigma_max} -> {args.sigma_min} (EDM rho = 7 levels, then one denoising step), "
                     f"max_batch {args.max_batch}, seed {args.seed}; nfe = target evaluations per particle; peak RSS "
                     "of the whole process while the row ran.",
-            **{k: v for k, v in vars(args).items() if k not in ("experiment",)}}
+            "experiment": args.experiment, **{k: v for k, v in vars(args).items() if k not in ("experiment",)}}
     return _write(out, meta, rows, cols, samples, title)
 
 

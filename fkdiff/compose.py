@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fkdiff.diffusion import as_sigma, denoiser_from_score
+from fkdiff.diffusion import as_sigma, denoiser_from_score, score_from_denoiser
 from fkdiff.nets import checked_labels
 from fkdiff.targets import has_energy
 from fkdiff.targets import energy_and_score as _energy_and_score
@@ -242,6 +242,8 @@ class Conditioned:
     """A conditional model with its condition bound: energy(x, sigma) = E(x, sigma, cond=y) for every sample.
 
     `y` is a class label (an int: broadcast to `[B]` int64) or a condition vector (broadcast to `[B, c]` in x's dtype).
+    The model is an energy student (energy and score) or a conditional denoiser D(x, sigma, cond) such as a teacher
+    (a score field only: score = (D - x) / sigma^2, no energy; `fkdiff.targets.has_energy` says False).
     """
 
     def __init__(self, model: Any, cond: Any):
@@ -265,8 +267,18 @@ class Conditioned:
     def energy(self, x, sigma):
         return self.model.energy(x, sigma, cond=self._cond(x))
 
+    @property
+    def components(self) -> tuple:
+        return (self.model,)
+
     def score(self, x, sigma):
-        return self.model.score(x, sigma, cond=self._cond(x))
+        if callable(getattr(self.model, "score", None)):
+            return self.model.score(x, sigma, cond=self._cond(x))
+        if has_energy(self.model):
+            raise TypeError(f"{type(self.model).__name__} has an energy but no score(x, sigma, cond)")
+        sig = as_sigma(sigma, x)  # a denoiser (a teacher): Tweedie
+        with torch.no_grad():
+            return score_from_denoiser(self.model(x, sig, cond=self._cond(x)), x, sig)
 
     def energy_and_grad(self, x, sigma):
         return self.model.energy_and_grad(x, sigma, cond=self._cond(x))

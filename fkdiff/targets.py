@@ -24,7 +24,12 @@ __all__ = ["has_energy", "energy", "score", "energy_and_score", "chunked"]
 
 
 def has_energy(obj: Any) -> bool:
-    return callable(getattr(obj, "energy", None))
+    """Whether `obj` has an energy: an `energy` method, and for a composition or a bound condition (anything with
+    `components`, `fkdiff.compose`) every component has one (a product of teacher denoisers is a score field only)."""
+    if not callable(getattr(obj, "energy", None)):
+        return False
+    parts = getattr(obj, "components", None)
+    return parts is None or all(has_energy(p) for p in parts)
 
 
 def chunked(fn: Callable[[Tensor, Tensor], Any], x: Tensor, sigma: Tensor, max_batch: int | None):

@@ -197,3 +197,28 @@ def test_linear_operators_are_one_formula(gen):
         assert torch.equal(e, lin.energy(x, sigma)) and torch.equal(s, lin.score(x, sigma))
     with pytest.raises(ValueError, match="2 finite coefficients"):
         compose.Linear([a, b], [1.0])
+
+
+def test_conditioned_denoiser_is_a_score_field():
+    """A conditional *denoiser* (a teacher: D(x, sigma, cond), no energy) with its condition bound is a score field:
+    score = (D - x) / sigma^2 with the condition passed through; neither it nor a composition of such has an energy,
+    so samplers that need energies refuse it (has_energy False), while a composition with an energy student keeps
+    its energy."""
+    from fkdiff import targets
+    from fkdiff.targets import has_energy
+
+    class Denoiser:  # D(x, sigma, cond) = x / (1 + sigma^2) + cond: the denoiser of N(cond, I)
+        def __call__(self, x, sigma, cond=None):
+            s = sigma.reshape(-1, 1)
+            return x / (1 + s**2) + cond * s**2 / (1 + s**2)
+
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    c = compose.conditioned(Denoiser(), torch.tensor([1.0, -2.0], dtype=torch.float64))
+    sig = torch.full((5,), 0.7, dtype=torch.float64)
+    torch.testing.assert_close(c.score(x, sig), -(x - torch.tensor([1.0, -2.0], dtype=torch.float64)) / (1 + 0.49))
+    eq13 = compose.conditional(compose.conditioned(Denoiser(), torch.full((2,), 0.0, dtype=torch.float64)), [c, c])
+    assert not has_energy(c) and not has_energy(eq13) and not has_energy(compose.product(c, c))
+    torch.testing.assert_close(eq13.score(x, sig), (-x + 2 * torch.tensor([1.0, -2.0], dtype=torch.float64)) / 1.49)
+    with pytest.raises(TypeError, match="has no energy"):
+        targets.energy(eq13, x, 0.7)
+    assert has_energy(compose.product(ring8(), ring8()))

@@ -302,3 +302,50 @@ def test_sample_cli_on_an_image_student(trained, tmp_path):
     models = OmegaConf.to_container(cfg.sample.models, resolve=True)
     assert _conditions(models, cfg.sample.target) == "  [one: 1, seven: 7]"
     assert _conditions(models, "tempered(three, 2)") == "  [three: 3]" and _conditions(models, "uncond") == ""
+
+
+def test_image_claims_shapes_quick(trained, tmp_path):
+    """benchmarks/image_claims.py shapes --quick (Du et al. table 2) on the 2-step shapes student and teacher: every
+    sampler row per number of objects, all at the same evaluations per particle, the teacher row on scores alone
+    (annealed ULA), accuracies the detector's on what each row returned, table and grid."""
+    bench = _bench("image_claims")
+    teacher, student = trained["shapes_small"]
+    out = tmp_path / "shapes"
+    res = bench.main(["shapes", "--quick", "--student", str(student), "--teacher", str(teacher), "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows == res["rows"] and (out / "grid.png").is_file()
+    samplers = ["reverse diffusion (summed scores)", "annealed ULA", "annealed HMC", "SMC", "SMC+HMC",
+                "teacher: annealed ULA (scores)"]
+    assert [(r["objects"], r["sampler"]) for r in rows] == [(k, s) for k in (1, 2) for s in samplers]
+    assert all("error" not in r and r["nan_samples"] == 0 and r["num_particles"] == 8 for r in rows)
+    assert all(r["nfe"] == 8 for r in rows), [r["nfe"] for r in rows]  # equal evaluations per particle
+    assert [r["levels"] for r in rows[:6]] == [8, 4, 2, 8, 2, 4]  # 1 / 1 + 1 (ULA) / 1 + 3 (HMC) per level
+    assert [r["log_Z"] is None for r in rows[:6]] == [True, True, True, False, False, True]
+    assert all(r["model"] == ("teacher" if "teacher" in r["sampler"] else "student") for r in rows)
+    pos = bench.shapes_positions(16)
+    for r in rows:
+        assert r["positions"] == pos[:r["objects"]].tolist()
+        acc, se = r["accuracy"], r["accuracy_se"]
+        assert 0 <= acc <= 1 and se == pytest.approx(math.sqrt(acc * (1 - acc) / 8))
+        assert len(r["per_position"]) == r["objects"] and acc <= min(r["per_position"])  # all hit <= each hit
+        assert r["lineages"] == (r["num_eves"] if r["log_Z"] is not None else 8) and 1 <= r["num_distinct"] <= 8
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == (1 + len(samplers)) + (1 + len(rows)) and "| 1 object | 2 objects |" in md
+
+
+def test_shapes_positions_are_valid_scenes():
+    """The requested positions are object centres a real scene could have (inside the border, separated as the data
+    are), and the detector finds every one of them on a rendered scene and nothing at them on an empty canvas."""
+    from fkdiff.data.shapes import pixel_to_position, render
+    from fkdiff.metrics import composition_accuracy
+
+    bench = _bench("image_claims")
+    px = torch.tensor(bench.SHAPES_PIXELS)
+    assert ((px >= 1) & (px <= 14)).all()
+    d = (px[:, None] - px[None]).abs().max(-1).values + 100 * torch.eye(len(px), dtype=torch.long)
+    assert d.min() >= 4
+    pos = bench.shapes_positions(16)
+    torch.testing.assert_close(pos, pixel_to_position(px, 16))
+    scene = render(px[None], torch.tensor([[0, 1, 0, 1, 0]]), torch.tensor([[0, 1, 2, 3, 4]]), 16)
+    assert composition_accuracy(scene, pos).accuracy == 1.0
+    assert composition_accuracy(-torch.ones_like(scene), pos[:1]).accuracy == 0.0

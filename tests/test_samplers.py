@@ -195,3 +195,17 @@ def test_validation():
         samplers.reverse_diffusion(gmm, 10, num_levels=3, potentials=[lambda x, s: x[:, 0]], **KW)
     with pytest.raises(TypeError, match="has no energy"):  # annealed MCMC targets exp(-E): a score is not enough
         samplers.annealed_mcmc(lambda x, s: gmm(x, s), 10, num_levels=3, **KW)
+
+
+def test_annealed_ula_runs_on_a_score_field():
+    """Annealed ULA reads only the score (unadjusted, no acceptance): on a denoiser (no energy) it gives exactly the
+    samples it gives on the same law with an energy, same generator; a Metropolis-adjusted kernel is refused there."""
+    gmm = iso_gmm(**SINGLE)
+    opts = dict(num_levels=6, mcmc=mcmc.ULA(2), **KW)
+    a = samplers.annealed_mcmc(lambda x, s: gmm(x, s), 64, generator=torch.Generator().manual_seed(3), **opts)
+    b = samplers.annealed_mcmc(gmm, 64, generator=torch.Generator().manual_seed(3), **opts)
+    torch.testing.assert_close(a.samples, b.samples, rtol=1e-10, atol=1e-10)
+    assert a.nfe == b.nfe == 6 * 3
+    with pytest.raises(TypeError, match="has no energy.*unadjusted"):
+        samplers.annealed_mcmc(lambda x, s: gmm(x, s), 8, generator=torch.Generator().manual_seed(3),
+                               num_levels=3, mcmc=mcmc.MALA(1), **KW)

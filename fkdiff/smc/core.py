@@ -489,6 +489,11 @@ def run_smc(
         raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
     if mcmc is not None and not callable(getattr(fk, "mcmc_target", None)):
         raise TypeError(f"{type(fk).__name__} has no mcmc_target(t, particles): it does not support MCMC rejuvenation")
+    if mcmc is not None and getattr(fk, "has_energy", True) is False and getattr(getattr(mcmc, "kernel", mcmc),
+                                                                               "adjusted", True):
+        raise TypeError(f"MCMC targets exp(-E(x, sigma)): {type(getattr(fk, 'target', fk)).__name__} has no energy(x, "
+                        f"sigma), so a Metropolis-adjusted kernel ({type(getattr(mcmc, 'kernel', mcmc)).__name__}) "
+                        "cannot run on it; an unadjusted one (fkdiff.mcmc.ULA, UHMC) moves by the score alone")
     resampler = get_resampler(resample, check=False)  # Weights: sanitised, and not all dead (checked in the level)
     if mcmc is not None and callable(getattr(mcmc, "for_population", None)):
         mcmc = mcmc.for_population(pop)  # step size chosen and adapted over the whole population (fkdiff.mcmc)

@@ -337,7 +337,9 @@ class DiffusionFK:
 
     # -- rejuvenation ------------------------------------------------------------------------------------
     def mcmc_target(self, t: int, particles: Particles) -> "_MCMCTarget":
-        if not self.has_energy:
+        """log gamma_t for a kernel. A score field (no energy; mode "none" only) has log gamma 0 here: only an
+        unadjusted kernel (fkdiff.mcmc.ULA / UHMC, which read the score alone) may move on it (checked by run_smc)."""
+        if not self.has_energy and self.mode != "none":
             raise TypeError(f"MCMC targets exp(-E(x, sigma)): {type(self.target).__name__} has no energy(x, sigma)")
         return _MCMCTarget(self, t, particles)
 

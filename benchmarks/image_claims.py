@@ -639,12 +639,19 @@ def exp_shapes(student, clf, args) -> tuple[list, dict, list[str], str]:
                       f"{[round(v, 2) for v in sc.per_position.tolist()]}", flush=True)
             rows.append(row)
             samples[row["row"]] = x
+        if k != args.objects[-1] and getattr(args, "partial", None) is not None:
+            args.partial(rows, samples, *_shapes_columns_title(args))
+    cols, title = _shapes_columns_title(args)
+    return rows, samples, cols, title
+
+
+def _shapes_columns_title(args) -> tuple[list[str], str]:
     cols = ["row", "num_particles", "levels", "nfe", "accuracy", "accuracy_se", "mean_num_objects", "lineages",
             "num_distinct", "mean_pairwise_rms", "min_ess_frac", "min_unique_ancestors", "mean_acceptance", "log_Z",
             "wall_s", "peak_rss_mib"]
     form = "eq. 13" if args.shapes_target == "eq13" else "product"
-    return rows, samples, cols, (f"shapes: objects at 1..{max(args.objects)} requested positions ({form}, "
-                                 f"{args.budget:g} evaluations per particle, N = {args.num_particles})")
+    return cols, (f"shapes: objects at 1..{max(args.objects)} requested positions ({form}, {args.budget:g} "
+                  f"evaluations per particle, N = {args.num_particles})")
 
 
 def shapes_table(rows: list[dict]) -> list[str]:
@@ -769,7 +776,6 @@ def main(argv=None) -> dict:
     print(f"[image_claims] {args.experiment}: N={args.num_particles}, {args.levels} levels, {args.mcmc}", flush=True)
     fn = {"compose": exp_compose, "temperature": exp_temperature, "bound": exp_bound,
           "levels": exp_levels, "exact": exp_exact, "shapes": exp_shapes}[args.experiment]
-    rows, samples, cols, title = fn(student, clf, args)
     meta = {"command": "python benchmarks/image_claims.py " + " ".join(shlex.quote(a) for a in
                                                                          (argv if argv is not None else sys.argv[1:])),
             "machine": f"{platform.machine()} {os.cpu_count()}-core CPU (shared with other jobs), torch "
@@ -778,6 +784,9 @@ def main(argv=None) -> dict:
                     f"max_batch {args.max_batch}, seed {args.seed}; nfe = target evaluations per particle; peak RSS "
                     "of the whole process while the row ran.",
             "experiment": args.experiment, **{k: v for k, v in vars(args).items() if k not in ("experiment",)}}
+    # shapes writes what it has after every column (a long run interrupted keeps its finished columns)
+    args.partial = lambda r, sa, c, ti: _write(out, {**meta, "partial": True}, r, c, sa, ti)
+    rows, samples, cols, title = fn(student, clf, args)
     return _write(out, meta, rows, cols, samples, title)
 
 

@@ -773,7 +773,8 @@ def main(argv=None) -> dict:
         p.error(f"--objects must lie in 1..{len(SHAPES_PIXELS)}")
     student = load_energy(args.student) if args.student else None
     clf = load_classifier(args.classifier) if args.classifier else None
-    print(f"[image_claims] {args.experiment}: N={args.num_particles}, {args.levels} levels, {args.mcmc}", flush=True)
+    size = f"budget {args.budget:g}" if args.experiment == "shapes" else f"{args.levels} levels, {args.mcmc}"
+    print(f"[image_claims] {args.experiment}: N={args.num_particles}, {size}", flush=True)
     fn = {"compose": exp_compose, "temperature": exp_temperature, "bound": exp_bound,
           "levels": exp_levels, "exact": exp_exact, "shapes": exp_shapes}[args.experiment]
     meta = {"command": "python benchmarks/image_claims.py " + " ".join(shlex.quote(a) for a in

@@ -203,11 +203,15 @@ class LowTemperature(Potential):
 
     Uses the target energy/score the FK model already computed at x (no extra evaluation)."""
 
-    def __init__(self, beta: float, lambda_fn: Callable[[Level], float] | None = None):
+    def __init__(self, beta: float, lambda_fn: Callable[[Level], float] | None = None, *, ramp: float = 1.0):
         if not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be a positive finite number, got {beta}")
-        self.beta = float(beta)
-        self.lambda_fn = lambda_fn if lambda_fn is not None else (lambda level: level.progress)
+        if not (ramp > 0 and math.isfinite(ramp)):
+            raise ValueError(f"ramp must be a positive finite number, got {ramp}")
+        if lambda_fn is not None and ramp != 1.0:
+            raise ValueError("give lambda_fn or ramp, not both")
+        self.beta, self.ramp = float(beta), float(ramp)
+        self.lambda_fn = lambda_fn if lambda_fn is not None else (lambda level: level.progress ** self.ramp)
 
     def _coef(self, level: Level) -> float:
         return -(self.beta - 1.0) * float(self.lambda_fn(level))

@@ -92,7 +92,7 @@ def _potential_specs(opt: dict) -> dict:
 
 def _kernel(opt: dict, target) -> "mcmc.Kernel | None":
     """The rejuvenation kernel of `sample/mcmc`; with `sample.budget` and HMC's num_steps left null, the budget plan's
-    HMC steps per level (fkdiff.smc.adaptive.default_mcmc_steps: 4 for tempered(m, beta > 1), else 1)."""
+    HMC steps per level (fkdiff.smc.adaptive.default_mcmc_steps: 1)."""
     spec = dict(opt.get("mcmc") or {})
     if opt.get("budget") is not None and spec.get("kind", "hmc") == "hmc" and spec.get("num_steps") is None:
         spec["num_steps"] = smc.adaptive.default_mcmc_steps(target) if opt.get("mode") is None else 1

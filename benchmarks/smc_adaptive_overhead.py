@@ -126,7 +126,8 @@ def main(argv=None):
                      f"{r['outside_fraction']:.0%} |")
     lines += ["", f"adaptivity: planned / same = {ratio:.2f} (target <= 1.10); plan: {plan['num_levels']} levels, "
               f"{per_level} evaluations per level, {plan['mcmc']}, {plan['estimator']}, "
-              f"pilot {plan['pilot']['evaluations_per_particle']:.1f} evaluations per particle"]
+              + (f"pilot {plan['pilot']['evaluations_per_particle']:.1f} evaluations per particle" if plan.get("pilot")
+               else "no pilot")]
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -212,3 +212,21 @@ def test_island_interval_coverage():
         lo, hi = res.log_Z_ci(0.95)
         covered += lo <= log_z <= hi
     assert covered >= 45, covered
+
+
+def test_overhead_benchmark_runs_and_writes_its_table(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "smc_adaptive_overhead.py"
+    spec = importlib.util.spec_from_file_location("smc_adaptive_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows, ratio = bench.main(["--particles", "32", "--budget", "60", "--repeats", "1", "--out", str(tmp_path)])
+    assert set(rows) == {"fixed", "planned", "same"} and ratio > 0
+    assert all(0.0 < r["target_fraction"] < 1.0 for r in rows.values())
+    assert (tmp_path / "overhead.json").is_file() and (tmp_path / "overhead.md").is_file()
+    net = bench.TARGETS["mlp"]()  # --target mlp: two network energies, one energy and score per particle
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    energy, score = net.energy_and_score(x, torch.full((5,), 0.5))
+    assert energy.shape == (5,) and score.shape == (5, 2) and bool(torch.isfinite(score).all())

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fkdiff import load_energy  # noqa: E402
-from fkdiff.levels import _gauss_legendre, teacher_time_score, time_score  # noqa: E402
+from fkdiff.levels import _gauss_legendre, energy_grad_and_time_score, teacher_time_score  # noqa: E402
 
 
 def _points(size: int, classes, p: int, sigma: float, gen: torch.Generator) -> dict[int, torch.Tensor]:
@@ -52,7 +52,7 @@ def _points(size: int, classes, p: int, sigma: float, gen: torch.Generator) -> d
     out = {}
     for c in classes:
         x0 = xva[yva == c][:p].float()
-        out[c] = x0 + sigma * torch.randn(x0.shape, generator=gen)
+        out[c] = (x0, torch.randn(x0.shape, generator=gen))
     return out
 
 
@@ -80,14 +80,37 @@ def _line(model_denoise, xa, xb, sref: float, cond, n: int = 16) -> torch.Tensor
     return out
 
 
+def _integrand_teacher(teacher, x0, eps, x, s, cond, path, num_probes, gen):
+    sv = torch.full((x.shape[0],), s)
+    with torch.no_grad():
+        d = teacher(x, sv, cond)
+    t = teacher_time_score(teacher, x, sv, cond, divergence="hutchinson", num_probes=num_probes, generator=gen,
+                           denoised=d).double()
+    if path == "noising":  # d/dln s of E(x0 + s eps, s) = s eps . grad E + T, grad E = (x - D) / s^2
+        t = t + (eps * (x - d)).flatten(1).sum(1).double() / s
+    return t
+
+
+def _integrand_student(st, x0, eps, x, s, cond, path):
+    sv = torch.full((x.shape[0],), s)
+    _, gx, ts = energy_grad_and_time_score(st, x, sv, cond, create_graph=False)
+    ts = ts.double()
+    if path == "noising":
+        ts = ts + s * (eps * gx).flatten(1).sum(1).double()
+    return ts
+
+
 def measure(teacher, students: dict, classes, sigmas, *, p: int, sigma_ref: float, edges, n_per: int,
-            num_probes: int, seed: int) -> list[dict]:
+            num_probes: int, seed: int, path: str = "fixed") -> list[dict]:
     y1, y2 = classes
     rows = []
     for sigma in sigmas:
         gen = torch.Generator().manual_seed(seed)
         pts = _points(8, classes, p, sigma, gen)
-        x = torch.cat([pts[y1], pts[y2]])  # [2p]: y1 digits then y2 digits
+        x0 = torch.cat([pts[y1][0], pts[y2][0]])  # [2p]: y1 digits then y2 digits
+        eps = torch.cat([pts[y1][1], pts[y2][1]])
+        x = x0 + sigma * eps
+        at = (lambda s: x0 + s * eps) if path == "noising" else (lambda s: x)  # the points along the path at s
         n = x.shape[0]
         nodes, cuts = _nodes(sigma, sigma_ref, edges, n_per)
         nk = len(cuts) - 1
@@ -98,22 +121,22 @@ def measure(teacher, students: dict, classes, sigmas, *, p: int, sigma_ref: floa
             ht = torch.zeros(2, nk, n, dtype=torch.float64)
             hs = {name: torch.zeros(nk, n, dtype=torch.float64) for name in students}
             for s, w, k in nodes:
-                sv = torch.full((n,), s)
+                xs = at(s)
                 for r in range(2):
-                    ht[r, k] += w * teacher_time_score(teacher, x, sv, cc, divergence="hutchinson",
-                                                       num_probes=num_probes, generator=gen).double()
+                    ht[r, k] += w * _integrand_teacher(teacher, x0, eps, xs, s, cc, path, num_probes, gen)
                 for name, st in students.items():
-                    hs[name][k] += w * time_score(st, x, sv, cc, create_graph=False).double()
+                    hs[name][k] += w * _integrand_student(st, x0, eps, xs, s, cc, path)
             ia, ib = torch.arange(p), torch.arange(p, 2 * p)
             pairs = {"mixed": (ia, ib), f"{y1}{y1}": (ia, ia.roll(1)), f"{y2}{y2}": (ib, ib.roll(1))}
             for kind, (a, b) in pairs.items():
-                line = _line(teacher, x[a], x[b], sigma_ref, cc[a])
+                xr = at(sigma_ref)
+                line = _line(teacher, xr[a], xr[b], sigma_ref, cc[a])
                 te = line[None] - (ht[:, :, a].sum(1) - ht[:, :, b].sum(1))  # [2, P]: two estimates
                 on = {"mixed": "mixed", f"{c}{c}": "on-on"}.get(kind, "off-off")
                 for name, st in students.items():
                     with torch.no_grad():
                         se = (st.energy(x[a], sigma, cc[a]) - st.energy(x[b], sigma, cc[b])).double()
-                        sref = (st.energy(x[a], sigma_ref, cc[a]) - st.energy(x[b], sigma_ref, cc[b])).double()
+                        sref = (st.energy(xr[a], sigma_ref, cc[a]) - st.energy(xr[b], sigma_ref, cc[b])).double()
                     e = se[None] - te  # [2, P]
                     dq = (hs[name][:, a] - hs[name][:, b])[None] - (ht[:, :, a] - ht[:, :, b])  # [2, nk, P]
 
@@ -139,15 +162,35 @@ def measure(teacher, students: dict, classes, sigmas, *, p: int, sigma_ref: floa
 
 
 def _table(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k not in ("num_pairs",)]
-    allk = []
-    for r in rows:
-        allk += [k for k in r if k not in allk and k != "num_pairs"]
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(allk) + " |", "|" + "---|" * len(allk)]
-    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in allk) + " |" for r in rows]
-    del keys
+    """One line per (sigma, condition, pair kind): the teacher's mean relative energy, then per student its mean,
+    the error rms and the error rms each ln-sigma range adds (cross-fitted)."""
+    names = list(dict.fromkeys(r["student"] for r in rows))
+    ranges = [k[4:-4] for k in rows[0] if k.startswith("err_") and k.endswith("_rms") and k != "err_ref_rms"]
+    head = ["sigma", "cond", "pairs", "kind", "teacher mean"] + [f"{n}: mean / err rms / per range" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = list(dict.fromkeys((r["sigma"], r["cond"], r["pairs"]) for r in rows))
+    for key in keys:
+        by = {r["student"]: r for r in rows if (r["sigma"], r["cond"], r["pairs"]) == key}
+        r0 = next(iter(by.values()))
+        cells = [f"{key[0]:g}", str(key[1]), key[2], r0["kind"], f"{r0['teacher_dE_mean']:.1f}"]
+        for n in names:
+            r = by[n]
+            per = " ".join(f"{r[f'err_{g}_rms']:.1f}" for g in ranges if f"err_{g}_rms" in r)
+            cells.append(f"{r['student_dE_mean']:.1f} / **{r['error_rms']:.1f}** / {per}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write(out: Path, cmd: str, args: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"command": cmd, "args": args, "rows": rows}, indent=1))
+    note = ("Relative energy of the first vs the second point of each pair (nats, mean over pairs); err rms: the "
+            "student's error against the teacher (cross-fitted over two probe sets); per range: what the time-score "
+            "error within each ln-sigma range (sigma..0.2, 0.2..1, 1..sigma_ref) adds, rms. Kinds: mixed = a real "
+            "y1 vs a real y2 under one condition (the product's terms), on-on / off-off = two "
+            "digits of the condition's own / the other class.")
+    (out / "results.md").write_text(f"# Product levels split by component, pair kind and sigma range\n\nCommand: "
+                                    f"`{cmd}`\n\n{note}\n\n{_table(rows)}\n")
 
 
 def main(argv=None):
@@ -162,6 +205,9 @@ def main(argv=None):
     ap.add_argument("--nodes-per-range", type=int, default=12)
     ap.add_argument("--num-probes", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--path", choices=["fixed", "noising"], default="fixed",
+                    help="the teacher's integration path: fixed points (image_claims levels) or x0 + s eps (typical "
+                         "points of p_s at every s)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -173,13 +219,10 @@ def main(argv=None):
         name, _, path = spec.rpartition("=")
         students[name or Path(path).parent.name] = load_energy(path)
     rows = measure(teacher, students, args.classes, args.sigmas, p=args.num_pairs, sigma_ref=args.sigma_ref,
-                   edges=args.edges, n_per=args.nodes_per_range, num_probes=args.num_probes, seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+                   edges=args.edges, n_per=args.nodes_per_range, num_probes=args.num_probes, seed=args.seed,
+                   path=args.path)
     cmd = "python benchmarks/image_level_parts.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / "results.json").write_text(json.dumps({"command": cmd, "args": vars(args), "rows": rows}, indent=1))
-    (out / "results.md").write_text(f"# Product levels split by component, pair kind and sigma range\n\nCommand: `{cmd}`"
-                                    f"\n\n{_table(rows)}\n")
+    write(Path(args.out), cmd, vars(args), rows)
     return rows
 
 

@@ -132,6 +132,9 @@ def measure(teacher, students: dict, classes, sigmas, *, p: int, sigma_ref: floa
                 xr = at(sigma_ref)
                 line = _line(teacher, xr[a], xr[b], sigma_ref, cc[a])
                 te = line[None] - (ht[:, :, a].sum(1) - ht[:, :, b].sum(1))  # [2, P]: two estimates
+                # the teacher's loop integral in (x, ln sigma): straight across at sigma minus the heat reference
+                # (zero for a conservative teacher: its score and time score are the gradient of one energy)
+                loop = _line(teacher, x[a], x[b], sigma, cc[a], n=64) - te.mean(0)
                 on = {"mixed": "mixed", f"{c}{c}": "on-on"}.get(kind, "off-off")
                 for name, st in students.items():
                     with torch.no_grad():
@@ -146,6 +149,7 @@ def measure(teacher, students: dict, classes, sigmas, *, p: int, sigma_ref: floa
                     row = {"student": name, "sigma": sigma, "cond": c, "pairs": kind, "kind": on, "num_pairs": p,
                            "teacher_dE_mean": float(te.mean()), "student_dE_mean": float(se.mean()),
                            "error_rms": xrms(e), "error_mean": float(e.mean()),
+                           "teacher_loop_mean": float(loop.mean()), "teacher_loop_rms": float(loop.pow(2).mean().sqrt()),
                            "noise": float(((e[0] - e[1]) ** 2 / 2).mean().sqrt()),
                            "err_ref_rms": float((sref - line).pow(2).mean().sqrt()),
                            # minus: err = err_ref - sum_k dq_k
@@ -166,13 +170,14 @@ def _table(rows: list[dict]) -> str:
     the error rms and the error rms each ln-sigma range adds (cross-fitted)."""
     names = list(dict.fromkeys(r["student"] for r in rows))
     ranges = [k[4:-4] for k in rows[0] if k.startswith("err_") and k.endswith("_rms") and k != "err_ref_rms"]
-    head = ["sigma", "cond", "pairs", "kind", "teacher mean"] + [f"{n}: mean / err rms / per range" for n in names]
+    head = ["sigma", "cond", "pairs", "kind", "teacher mean", "teacher loop mean / rms"] + [f"{n}: mean / err rms / per range" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys((r["sigma"], r["cond"], r["pairs"]) for r in rows))
     for key in keys:
         by = {r["student"]: r for r in rows if (r["sigma"], r["cond"], r["pairs"]) == key}
         r0 = next(iter(by.values()))
-        cells = [f"{key[0]:g}", str(key[1]), key[2], r0["kind"], f"{r0['teacher_dE_mean']:.1f}"]
+        loop = f"{r0['teacher_loop_mean']:.1f} / {r0['teacher_loop_rms']:.1f}" if "teacher_loop_rms" in r0 else "-"
+        cells = [f"{key[0]:g}", str(key[1]), key[2], r0["kind"], f"{r0['teacher_dE_mean']:.1f}", loop]
         for n in names:
             r = by[n]
             per = " ".join(f"{r[f'err_{g}_rms']:.1f}" for g in ranges if f"err_{g}_rms" in r)
@@ -188,7 +193,9 @@ def write(out: Path, cmd: str, args: dict, rows: list[dict]) -> None:
             "student's error against the teacher (cross-fitted over two probe sets); per range: what the time-score "
             "error within each ln-sigma range (sigma..0.2, 0.2..1, 1..sigma_ref) adds, rms. Kinds: mixed = a real "
             "y1 vs a real y2 under one condition (the product's terms), on-on / off-off = two "
-            "digits of the condition's own / the other class.")
+            "digits of the condition's own / the other class. Teacher loop: the teacher's relative energy by a straight line "
+            "across at sigma (its score) minus the heat-equation reference (up to sigma_ref at one point, across, down at "
+            "the other): a closed loop in (x, ln sigma), zero for a conservative teacher.")
     (out / "results.md").write_text(f"# Product levels split by component, pair kind and sigma range\n\nCommand: "
                                     f"`{cmd}`\n\n{note}\n\n{_table(rows)}\n")
 

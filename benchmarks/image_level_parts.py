@@ -134,7 +134,8 @@ def measure(teacher, students: dict, classes, sigmas, *, p: int, sigma_ref: floa
                 te = line[None] - (ht[:, :, a].sum(1) - ht[:, :, b].sum(1))  # [2, P]: two estimates
                 # the teacher's loop integral in (x, ln sigma): straight across at sigma minus the heat reference
                 # (zero for a conservative teacher: its score and time score are the gradient of one energy)
-                loop = _line(teacher, x[a], x[b], sigma, cc[a], n=64) - te.mean(0)
+                line_here = _line(teacher, x[a], x[b], sigma, cc[a], n=64)
+                loop = line_here - te.mean(0)
                 on = {"mixed": "mixed", f"{c}{c}": "on-on"}.get(kind, "off-off")
                 for name, st in students.items():
                     with torch.no_grad():
@@ -150,6 +151,7 @@ def measure(teacher, students: dict, classes, sigmas, *, p: int, sigma_ref: floa
                            "teacher_dE_mean": float(te.mean()), "student_dE_mean": float(se.mean()),
                            "error_rms": xrms(e), "error_mean": float(e.mean()),
                            "teacher_loop_mean": float(loop.mean()), "teacher_loop_rms": float(loop.pow(2).mean().sqrt()),
+                           "error_vs_line_rms": float((se - line_here).pow(2).mean().sqrt()),
                            "noise": float(((e[0] - e[1]) ** 2 / 2).mean().sqrt()),
                            "err_ref_rms": float((sref - line).pow(2).mean().sqrt()),
                            # minus: err = err_ref - sum_k dq_k
@@ -165,12 +167,47 @@ def measure(teacher, students: dict, classes, sigmas, *, p: int, sigma_ref: floa
     return rows
 
 
+def denoiser_errors(teacher, students: dict, edges=(0.002, 0.05, 0.2, 1.0, 5.0), seed: int = 0) -> list[dict]:
+    """The students' denoiser error against the teacher's, |D_S - D_T|^2 / |x - D_T|^2 (means over the held-out
+    digits, sigma log-uniform per bucket), under each digit's own class, a uniformly drawn other class and the null
+    token: where the projection loss holds the student to the teacher, and where only compositions read it."""
+    from fkdiff.metrics.classifier import _digits_split
+
+    _, _, xv, yv = _digits_split(8, 0)
+    xv, yv = xv.float(), yv.long()
+    n, rows = xv.shape[0], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        g = torch.Generator().manual_seed(seed)
+        s = torch.exp(math.log(lo) + torch.rand(n, generator=g) * (math.log(hi) - math.log(lo)))
+        x = xv + s[:, None, None, None] * torch.randn(xv.shape, generator=g)
+        other = (yv + torch.randint(1, 10, (n,), generator=g)) % 10
+        for mode, c in (("own", yv), ("other", other), ("null", torch.full_like(yv, -1))):
+            with torch.no_grad():
+                dt = teacher(x, s, c)
+            scale = (x - dt).flatten(1).pow(2).sum(1).mean()
+            row = {"bucket": f"[{lo:g}, {hi:g})", "condition": mode}
+            for name, st in students.items():
+                with torch.no_grad():
+                    ds = st(x, s, c)
+                row[name] = float((ds - dt).flatten(1).pow(2).sum(1).mean() / scale)
+            rows.append(row)
+    return rows
+
+
+def _denoiser_table(rows: list[dict]) -> str:
+    names = [k for k in rows[0] if k not in ("bucket", "condition")]
+    lines = ["| sigma | condition | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    lines += [f"| {r['bucket']} | {r['condition']} | " + " | ".join(f"{100 * r[n]:.2f}%" for n in names) + " |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict]) -> str:
     """One line per (sigma, condition, pair kind): the teacher's mean relative energy, then per student its mean,
     the error rms and the error rms each ln-sigma range adds (cross-fitted)."""
     names = list(dict.fromkeys(r["student"] for r in rows))
     ranges = [k[4:-4] for k in rows[0] if k.startswith("err_") and k.endswith("_rms") and k != "err_ref_rms"]
-    head = ["sigma", "cond", "pairs", "kind", "teacher mean", "teacher loop mean / rms"] + [f"{n}: mean / err rms / per range" for n in names]
+    head = ["sigma", "cond", "pairs", "kind", "teacher mean", "teacher loop mean / rms"] + [f"{n}: mean / err rms / per range / err vs line" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys((r["sigma"], r["cond"], r["pairs"]) for r in rows))
     for key in keys:
@@ -181,23 +218,29 @@ def _table(rows: list[dict]) -> str:
         for n in names:
             r = by[n]
             per = " ".join(f"{r[f'err_{g}_rms']:.1f}" for g in ranges if f"err_{g}_rms" in r)
-            cells.append(f"{r['student_dE_mean']:.1f} / **{r['error_rms']:.1f}** / {per}")
+            vs_line = f" / {r['error_vs_line_rms']:.1f}" if "error_vs_line_rms" in r else ""
+            cells.append(f"{r['student_dE_mean']:.1f} / **{r['error_rms']:.1f}** / {per}{vs_line}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write(out: Path, cmd: str, args: dict, rows: list[dict]) -> None:
+def write(out: Path, cmd: str, args: dict, rows: list[dict], denoiser: list[dict] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"command": cmd, "args": args, "rows": rows}, indent=1))
+    (out / "results.json").write_text(json.dumps({"command": cmd, "args": args, "rows": rows, "denoiser": denoiser},
+                                                 indent=1))
     note = ("Relative energy of the first vs the second point of each pair (nats, mean over pairs); err rms: the "
             "student's error against the teacher (cross-fitted over two probe sets); per range: what the time-score "
             "error within each ln-sigma range (sigma..0.2, 0.2..1, 1..sigma_ref) adds, rms. Kinds: mixed = a real "
             "y1 vs a real y2 under one condition (the product's terms), on-on / off-off = two "
             "digits of the condition's own / the other class. Teacher loop: the teacher's relative energy by a straight line "
             "across at sigma (its score) minus the heat-equation reference (up to sigma_ref at one point, across, down at "
-            "the other): a closed loop in (x, ln sigma), zero for a conservative teacher.")
+            "the other): a closed loop in (x, ln sigma), zero for a conservative teacher; err vs line: the student's error rms "
+            "against that straight-line reference instead.")
     (out / "results.md").write_text(f"# Product levels split by component, pair kind and sigma range\n\nCommand: "
-                                    f"`{cmd}`\n\n{note}\n\n{_table(rows)}\n")
+                                    f"`{cmd}`\n\n{note}\n\n{_table(rows)}\n" + (
+        "" if not denoiser else "\n## Denoiser error against the teacher by condition\n\n|D_S - D_T|^2 / |x - D_T|^2 "
+        "over the held-out digits, sigma log-uniform per bucket; condition: the digit's own class, a uniformly drawn "
+        f"other class, the null token.\n\n{_denoiser_table(denoiser)}\n"))
 
 
 def main(argv=None):
@@ -212,6 +255,7 @@ def main(argv=None):
     ap.add_argument("--nodes-per-range", type=int, default=12)
     ap.add_argument("--num-probes", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--denoiser", action="store_true", help="also the denoiser error by condition (own / other / null)")
     ap.add_argument("--path", choices=["fixed", "noising"], default="fixed",
                     help="the teacher's integration path: fixed points (image_claims levels) or x0 + s eps (typical "
                          "points of p_s at every s)")
@@ -225,11 +269,12 @@ def main(argv=None):
     for spec in args.students:
         name, _, path = spec.rpartition("=")
         students[name or Path(path).parent.name] = load_energy(path)
+    den = denoiser_errors(teacher, students, seed=args.seed) if args.denoiser else None
     rows = measure(teacher, students, args.classes, args.sigmas, p=args.num_pairs, sigma_ref=args.sigma_ref,
                    edges=args.edges, n_per=args.nodes_per_range, num_probes=args.num_probes, seed=args.seed,
                    path=args.path)
     cmd = "python benchmarks/image_level_parts.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write(Path(args.out), cmd, vars(args), rows)
+    write(Path(args.out), cmd, vars(args), rows, den)
     return rows
 
 

@@ -44,7 +44,7 @@ def held_out(recipe: str, seed: int, rows: int):
     return split_batch(dm.val_set.__getitems__(idx.tolist()))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", required=True, help="the data: digits_small, shapes_small, ...")
     ap.add_argument("--teacher", required=True, help="the DSM teacher's teacher.pt")
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from fkdiff import load_energy
     from teachers import load_teacher
@@ -90,6 +90,7 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     _plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and {stem}.png")
+    return result
 
 
 def _plot(r: dict, path: Path) -> None:

@@ -139,6 +139,21 @@ def first_reach(curve: dict, key: str, level: float):
     return next((s for s, v in zip(curve["step"], curve[key]) if v <= level), None)
 
 
+def summary(curves: dict, steps: int) -> dict:
+    """Per metric: E-DSM's final and best (lowest evaluated) error, distillation's final, and the first evaluated step
+    at which distillation reaches each (the final value is one noisy evaluation; the best is E-DSM at its luckiest)."""
+    out = {}
+    for key in ("dsm", "teacher"):
+        e, d = curves["edsm"], curves["distill"]
+        final, best = e[key][-1], min(e[key])
+        reach, reach_best = first_reach(d, key, final), first_reach(d, key, best)
+        out[key] = {"edsm_final": final, "distill_final": d[key][-1], "distill_steps_to_edsm_final": reach,
+                    "fraction_of_steps": None if reach is None else reach / steps,
+                    "edsm_best": best, "edsm_best_step": e["step"][e[key].index(best)],
+                    "distill_steps_to_edsm_best": reach_best}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="digits_small",
@@ -156,8 +171,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default=None, help="file stem of the outputs (default: the recipe, + _scratch)")
     ap.add_argument("--save-students", default=None, help="a folder for the two final students (not in git)")
+    ap.add_argument("--replot", default=None, help="only redraw the figure (and table) of a result JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        result.update(summary(result["curves"], result["setting"]["steps"]))
+        Path(args.replot).write_text(json.dumps(result, indent=2))
+        Path(args.replot).with_suffix(".md").write_text(_table(result))
+        _plot(result, Path(args.replot).with_suffix(".png"))
+        return result
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,13 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                      "weighting")},
               "batch_size": int(cfg.data.batch_size), "eval_rows": int(ev["x0"].shape[0]),
               "teacher_dsm": teacher_dsm, "curves": curves, "train_seconds": times}
-    for key in ("dsm", "teacher"):
-        final_edsm = curves["edsm"][key][-1]
-        reach = first_reach(curves["distill"], key, final_edsm)
-        result[key] = {"edsm_final": final_edsm, "distill_final": curves["distill"][key][-1],
-                       "distill_steps_to_edsm_final": reach,
-                       "fraction_of_steps": None if reach is None else reach / args.steps}
-    stem = out / (args.recipe + ("" if args.init == "recipe" else "_scratch"))
+    result.update(summary(curves, args.steps))
+    stem = out / (args.name or args.recipe + ("" if args.init == "recipe" else "_scratch"))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(_table(result))
     _plot(result, stem.with_suffix(".png"))
@@ -215,32 +234,42 @@ def _table(r: dict) -> str:
              f"{r['teacher_dsm']:.4f}. Seconds of training: distill {r['train_seconds']['distill']:.0f}, "
              f"E-DSM {r['train_seconds']['edsm']:.0f}.", "",
              "| held-out metric (lambda-weighted, per dim) | E-DSM final | distillation final | distillation reaches "
-             "E-DSM's final at step | fraction of steps |", "|---|---|---|---|---|"]
+             "E-DSM's final at step (fraction of steps) | E-DSM best (at step) | distillation reaches it at step |",
+             "|---|---|---|---|---|---|"]
     for key, label in (("dsm", "DSM error, D_theta vs x_0"), ("teacher", "error vs teacher, D_theta vs D_teacher")):
         m = r[key]
         lines.append(f"| {label} | {m['edsm_final']:.4f} | {m['distill_final']:.4f} | "
-                     f"{_fmt(m['distill_steps_to_edsm_final'], '{}')} | {_fmt(m['fraction_of_steps'], '{:.2f}')} |")
+                     f"{_fmt(m['distill_steps_to_edsm_final'], '{}')} ({_fmt(m['fraction_of_steps'], '{:.2f}')}) | "
+                     f"{m['edsm_best']:.4f} ({m['edsm_best_step']}) | {_fmt(m['distill_steps_to_edsm_best'], '{}')} |")
     return "\n".join(lines) + "\n"
 
 
 def _plot(r: dict, path: Path) -> None:
+    """Held-out error vs step, both objectives; the steps before `cut` (1/8 of the run) are cut, as in fig. 2, so that
+    the scale shows the end of training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = {"distill": "distillation (target D_teacher)", "edsm": "E-DSM (target x_0)"}
+    cut = max(r["setting"]["eval_every"], r["setting"]["steps"] // 8)
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for name, c in r["curves"].items():
-        ax[0].plot(c["step"], c["dsm"], label=labels[name], marker=".")
-        ax[1].plot(c["step"], c["teacher"], label=labels[name], marker=".")
+        keep = [i for i, s in enumerate(c["step"]) if s >= cut]
+        for a, key in zip(ax, ("dsm", "teacher")):
+            a.plot([c["step"][i] for i in keep], [c[key][i] for i in keep], label=labels[name], marker=".")
     ax[0].axhline(r["dsm"]["edsm_final"], ls="--", c="gray", lw=0.8, label="E-DSM final")
-    ax[0].axhline(r["teacher_dsm"], ls=":", c="k", lw=0.8, label="teacher")
+    ax[0].axhline(r["teacher_dsm"], ls=":", c="k", lw=0.8, label="the teacher's own")
     ax[1].axhline(r["teacher"]["edsm_final"], ls="--", c="gray", lw=0.8, label="E-DSM final")
     ax[0].set_title("held-out DSM error  E lambda |D - x_0|^2 / dim")
     ax[1].set_title("held-out error vs teacher  E lambda |D - D_teacher|^2 / dim")
+    gap = r["dsm"]["edsm_final"] - r["teacher_dsm"]  # zoom on the end of training: the teacher's level to E-DSM's + gap
+    if gap > 0:
+        ax[0].set_ylim(r["teacher_dsm"] - 0.2 * gap, r["dsm"]["edsm_final"] + 1.2 * gap)
+    ax[1].set_yscale("log")
     for a in ax:
-        a.set_yscale("log"), a.set_xlabel("training step"), a.legend(fontsize=8)
+        a.set_xlabel(f"training step (steps < {cut} cut)"), a.legend(fontsize=8)
     init = "warm start from the teacher" if r["warm_start"] else "random init"
     fig.suptitle(f"{r['recipe']}: distillation vs E-DSM, same init ({init}), same batches and noise")
     fig.tight_layout()

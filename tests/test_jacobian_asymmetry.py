@@ -1,5 +1,5 @@
-"""The Hutchinson estimate of a Jacobian's asymmetry (fkdiff.distillation.jacobian_asymmetry, denoiser_asymmetry_by_sigma)
-against exact Jacobians: linear maps with a known antisymmetric part, a row-dependent nonlinear map, and an energy
+"""The Hutchinson estimate of a Jacobian's asymmetry (fkdiff.distillation: jacobian_asymmetry,
+denoiser_asymmetry_by_sigma) against exact Jacobians: linear maps with a known antisymmetric part, a row-dependent nonlinear map, and an energy
 student, whose denoiser Jacobian is I - sigma^2 Hess E (symmetric). Tolerances: 4 Monte Carlo standard errors."""
 
 import math

@@ -22,9 +22,10 @@ run owns).
 Resume (`run_dir=<run> distill.ckpt_path=last`, or `train_teacher.ckpt_path=...`): `resume_config` makes the run's own
 saved `<run_dir>/config.yaml` the config, with only the keys the command line gives put on top, so a resume trains
 the same model for the same number of steps with the same checkpoint interval as the run it continues, whatever the
-recipe defaults are today. A config group given on the command line (`recipe=`, `data=`, `teacher=`) must select what
-the run already uses (its `data.name` / `teacher.kind`; the run's own values stay), `logger=` may switch the logger.
-`compose` and `main` both apply it.
+recipe defaults are today; keys that a newer fkdiff added after the run saved its config take today's values (printed).
+A config group given on the command line (`recipe=`, `data=`, `teacher=`) must select what the run already uses (its
+`data.name` / `teacher.kind`; the run's own values stay), `logger=` may switch the logger. `compose` and `main` both
+apply it.
 """
 
 from __future__ import annotations
@@ -195,6 +196,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         if key not in ("run_dir", f"{cfg.task}.ckpt_path") and old != OmegaConf.select(saved, key):
             changed.append(f"{key}: {old} -> {OmegaConf.select(saved, key)}")
     saved.run_dir = str(cfg.run_dir)
+    added = _add_keys_missing_from(saved, plain)
     raw_trainer = OmegaConf.to_container(cfg.trainer, resolve=False)
     for key in TASK_KNOBS:  # trainer.max_steps etc. follow the task's knob again (config.yaml holds resolved values)
         if key in cfg.trainer and OmegaConf.is_interpolation(cfg.trainer, key):
@@ -215,8 +217,36 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
                 f"{key}=..., or start a new run in another run_dir.")
     if changed and _is_rank_zero():
         print(f"resuming {cfg.run_dir} with its saved config; changed on the command line: " + ", ".join(changed))
+    if added and _is_rank_zero():
+        print(f"resuming {cfg.run_dir}: its saved config.yaml predates these keys; they take today's values: "
+              + ", ".join(added))
     OmegaConf.set_struct(saved, True)
     return saved
+
+
+def _add_keys_missing_from(saved: DictConfig, composed: DictConfig) -> list[str]:
+    """Put into `saved` every key of `composed` it lacks (keys fkdiff added after the run saved its config.yaml, which
+    today's code reads), in place; returns them as `key=value`. A section of a config group (`data`, `teacher`,
+    `logger`, `sample.mcmc`) whose option differs from the run's (its `kind`, data's `name`) is left alone: the
+    option's own keys do not belong to the run."""
+    added: list[str] = []
+
+    def same_option(old: DictConfig, new: DictConfig, name: str) -> bool:
+        ids = ("name",) if name == "data" else ("kind",)
+        return all(k not in old or k not in new or old[k] == new[k] for k in ids)
+
+    def walk(old: DictConfig, new: DictConfig, prefix: str) -> None:
+        for key in new:
+            value, name = new[key], f"{prefix}{key}"
+            if key not in old:
+                old[key] = value
+                added.append(name if isinstance(value, DictConfig) else f"{name}={value}")
+            elif isinstance(value, DictConfig) and isinstance(old[key], DictConfig) and same_option(old[key], value,
+                                                                                                    name):
+                walk(old[key], value, f"{name}.")
+
+    walk(saved, composed, "")
+    return added
 
 
 def _entry_config(task: str, base: str) -> str:

@@ -18,7 +18,7 @@ This module only wires library parts together:
 - the expression: `fkdiff.compose.parse` (Python call syntax restricted to the model names, numbers, lists and
   product, mixture, negation, tempered, conditional; nothing else evaluates);
 - potentials: `fkdiff.smc.potentials.build` for each entry of `sample.potentials` (`sample.bounds` and
-  `sample.temperature` are shorthands for a `box` and a `low_temperature` entry);
+  `sample.temperature` are shorthands for a `box` and a `low_temperature` entry with ramp 3);
 - the rejuvenation kernel: `fkdiff.mcmc.build` of the config group `sample/mcmc` (hmc | mala | rwm | ula | uhmc |
   none; fkdiff/conf/sample/mcmc/*.yaml);
 - the figures: `fkdiff.plotting`.
@@ -80,19 +80,15 @@ def _potential_specs(opt: dict) -> dict:
         if opt.get("mode", "sampler") != "twisted":
             raise ValueError("sample.temperature (low-temperature tilt) needs sample.mode=twisted; "
                              "in sampler mode use the expression tempered(model, beta) instead")
-        specs["temperature"] = {"kind": "low_temperature", "beta": float(opt["temperature"])}
-        steps = int((opt.get("mcmc") or {}).get("num_steps") or 1)  # null: the kernel's default, 1
-        if float(opt["temperature"]) > 1.0 and steps < 4:
-            warnings.warn(f"sample.temperature={opt['temperature']} with {steps} MCMC steps per level: the low "
-                          "temperature moves mass between modes at small sigma and needs rejuvenation (measured: 4 HMC "
-                          "steps per level, README 'Choosing the SMC settings'); set sample.mcmc.num_steps=4",
-                          UserWarning, stacklevel=2)
+        # ramp 3: tilt once the modes have separated (a linear ramp can empty the lighter / narrower mode; README
+        # "Low temperature"); more MCMC steps per level were measured not to help
+        specs["temperature"] = {"kind": "low_temperature", "beta": float(opt["temperature"]), "ramp": 3.0}
     return specs
 
 
 def _kernel(opt: dict, target) -> "mcmc.Kernel | None":
     """The rejuvenation kernel of `sample/mcmc`; with `sample.budget` and HMC's num_steps left null, the budget plan's
-    HMC steps per level (fkdiff.smc.adaptive.default_mcmc_steps: 4 for tempered(m, beta > 1), else 1)."""
+    HMC steps per level (fkdiff.smc.adaptive.default_mcmc_steps: 1)."""
     spec = dict(opt.get("mcmc") or {})
     if opt.get("budget") is not None and spec.get("kind", "hmc") == "hmc" and spec.get("num_steps") is None:
         spec["num_steps"] = smc.adaptive.default_mcmc_steps(target) if opt.get("mode") is None else 1

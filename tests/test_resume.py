@@ -252,6 +252,24 @@ def test_resume_uses_the_saved_config_with_the_command_line_on_top(tmp_path):
         compose([f"run_dir={run}", "distill.ckpt_path=last", "data=moons"])
 
 
+def test_a_run_saved_before_a_key_existed_resumes_with_todays_value(tmp_path, capsys):
+    """A teacher run saved before `train_teacher.val_every_n_steps` existed stopped its resume with KeyError."""
+    from omegaconf import OmegaConf
+
+    run = _saved_run(tmp_path)
+    old = OmegaConf.load(run / "config.yaml")
+    del old.distill["val_every_n_steps"], old.train_teacher["val_every_n_steps"]
+    OmegaConf.save(old, run / "config.yaml")
+    today = compose([])  # what the resume command composes today (the default recipe)
+    resumed = compose([f"run_dir={run}", "distill.ckpt_path=last"])
+    assert resumed.distill.val_every_n_steps == today.distill.val_every_n_steps
+    assert resumed.train_teacher.val_every_n_steps == today.train_teacher.val_every_n_steps
+    assert resumed.distill.max_steps == 37 and resumed.seed == 3  # the run's own values stay
+    assert OmegaConf.to_container(resumed.logger) == OmegaConf.to_container(old.logger)  # its logger: no keys added
+    out = capsys.readouterr().out
+    assert "predates these keys" in out and f"distill.val_every_n_steps={today.distill.val_every_n_steps}" in out
+
+
 def test_checkpoint_interval_is_fixed_when_the_run_starts_and_the_newest_checkpoint_is_found(tmp_path):
     """Extending a run (a larger max_steps on resume) used to change the checkpoint interval (max_steps / 10); the
     changed ModelCheckpoint state made Lightning write last-v1.ckpt beside a stale last.ckpt, which the next resume

@@ -192,8 +192,9 @@ def test_num_particles_num_levels_and_sigma_range(tmp_path):
 
 def test_budget_plans_levels_kernel_and_formulation(tmp_path):
     """sample.budget=B: num_levels is ignored, the plan (diagnostics.json "plan") uses at most B evaluations per
-    particle and gets the product's exact log Z; a tempered(g, 3) target runs twisted with LowTemperature(3) and the
-    plan's 4 HMC steps per level (sample.mcmc.num_steps left null) and gets log ∫ p^3 (grid-exact)."""
+    particle and gets the product's exact log Z; a tempered(g, 3) target runs twisted (fewer than 150 levels) with
+    LowTemperature(3, ramp=3) and the plan's 1 HMC step per level (sample.mcmc.num_steps left null) and gets
+    log ∫ p^3 (grid-exact)."""
     diag, _, _ = _run(tmp_path, "sample.budget=120", "sample.num_particles=200", "sample.num_levels=7")
     plan = json.loads((tmp_path / "run" / "diagnostics.json").read_text())["plan"]
     assert plan["budget"] == 120 and 100 < plan["used_evaluations"] <= 120 and plan["schedule"] == "adaptive (pilot CESS)"
@@ -203,8 +204,8 @@ def test_budget_plans_levels_kernel_and_formulation(tmp_path):
     w = [4.0, 1, 1, 1, 1, 1, 1, 1]
     cold, _, _ = _run(tmp_path, _weighted_ring(w), "sample.target='tempered(g, 3)'", "sample.budget=150",
                       "sample.num_particles=200", name="cold")
-    assert cold["plan"]["mode"] == "twisted" and "LowTemperature(3)" in cold["plan"]["formulation"]
-    assert "num_steps=4" in cold["plan"]["mcmc"] and cold["plan"]["used_evaluations"] <= 150
+    assert cold["plan"]["mode"] == "twisted" and "LowTemperature(3, ramp=3)" in cold["plan"]["formulation"]
+    assert "num_steps=1" in cold["plan"]["mcmc"] and cold["plan"]["used_evaluations"] <= 150
     g = torch.linspace(-1.0, 1.0, 801, dtype=torch.float64)
     log_z = float(torch.logsumexp(-3.0 * ring8(weights=w).energy(torch.cartesian_prod(g, g), 0.002), 0)) + 2 * math.log(
         float(g[1] - g[0]))

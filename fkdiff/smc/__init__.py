@@ -133,17 +133,18 @@ def sample(
 
 
 def _warn_low_temperature(target: Any, mode: str, mcmc: Any) -> None:
-    """A low temperature p^beta (beta > 1) in sampler mode is erratic (DESIGN.md 8: mode TV 0.17-0.59 at beta = 4
-    with HMC(1, 3), where twisted + LowTemperature + HMC(4, 3) gives 0.02-0.04): say so, with the fix."""
+    """A tempered target p_sigma^beta (beta > 1) in sampler mode is erratic (DESIGN.md 8: mode TV 0.17-0.59 at beta = 4
+    with HMC(1, 3)): say so, with the fix (the LowTemperature path, fkdiff.smc.adaptive)."""
     low = adaptive.low_temperature_formulation(target)
     if low is None or mode != "sampler":
         return
     warnings.warn(
         f"compose.tempered(..., beta={low[1]:g}) in sampler mode with {'no MCMC' if mcmc is None else repr(mcmc)} "
         "is unreliable (mass must move between modes through the weights alone): use budget=B without num_levels "
-        "(it runs the twisted LowTemperature formulation with 4 HMC steps per level), or mode='twisted', "
-        f"potentials=[fkdiff.smc.LowTemperature({low[1]:g})] on the base target with "
-        "mcmc=fkdiff.mcmc.HMC(num_steps=4)", UserWarning, stacklevel=3)
+        "(fkdiff.smc.adaptive plans it), or on the base target potentials="
+        f"[fkdiff.smc.LowTemperature({low[1]:g}, ramp=3)] with mcmc=fkdiff.mcmc.HMC(1, 3) and mode='sampler' at "
+        ">= 150 levels (exact weights), mode='twisted' below (README 'Choosing the SMC settings')", UserWarning,
+        stacklevel=3)
 
 
 def _num_levels(num_levels: int | None, num_steps: int | None) -> int | None:

@@ -6,11 +6,22 @@ target evaluations per particle (issue 12; DESIGN.md sections 5 and 8).
 
 The plan, each rule from a measurement (README "Choosing the SMC settings"):
 
-  kernel      HMC(num_steps=k, num_leapfrog=3) after every level: k = 1, k = 4 for a low temperature p^beta
-              (DESIGN.md 5/8: one corrected HMC step per level fixed every target tried; beta = 4 needs 4)
-  formulation a low temperature `compose.tempered(t, beta)` (beta > 1) runs as the twisted model of t with the
-              `LowTemperature(beta)` potential (sampler mode is erratic there: mass must move between separated
-              modes at small sigma through weights alone, DESIGN.md 8)
+  kernel      HMC(num_steps=1, num_leapfrog=3) after every level (DESIGN.md 5/8: one corrected HMC step per level
+              fixed every target tried). A low temperature gets the same: 4 steps per level (the former rule) bought
+              nothing on exact p^2 / p^4 targets and cost 3/4 of the levels, and too few levels is what biases it
+  formulation a low temperature `compose.tempered(t, beta)` (beta > 1) runs on t with the potential
+              `LowTemperature(beta, ramp=3)`: the path pi_t ∝ p_sigma_t^(1 + (beta - 1) lambda_t), lambda_t =
+              (t / (T - 1))^3, which tilts only once the modes have separated (a linear ramp tempers overlapping
+              modes at intermediate sigma, emptying the lighter / narrower one, which the weights cannot refill:
+              0.984 / 1.000 instead of 0.845 on an 8x8 image mixture, README). Weights: the exact SMC-sampler
+              ones when T >= 150 levels, else twisted (w_t / w_{t-1}). Twisted weights are exact only when the
+              proposal's marginals are p_sigma_t; the MCMC moves target p_sigma_t w_t, so the reverse kernel's
+              discretisation error is never corrected (the missing term is the base model's kernel ratio
+              log p_t(x_t) - log p_{t-1}(x_{t-1}) + log L - log M): a log Z bias that stays at large N, falls with
+              the levels and grows with the dimension (+1.2..+2.0 nats in 32-D at 74 levels). Sampler weights have
+              no such bias but more variance at coarse levels (at 24 levels in 4-D mode masses 0.005-0.12 where the
+              exact is 0.021, twisted 0.018-0.021)  (sampler mode on the *tempered target* p_sigma^beta at every
+              level is erratic and warns: mass must move between separated modes through weights alone)
   levels      a pilot run (N_p = max(64, N / 8) particles on the EDM rho-schedule with T_p = T / 4 levels, same
               kernel) measures the conditional ESS of the incremental weights, CESS_t (Zhou, Johansen & Aston 2016),
               at every pilot interval; the main run's T levels are placed with a density per pilot interval
@@ -47,7 +58,10 @@ __all__ = ["place_levels", "low_temperature_formulation", "default_mcmc_steps", 
 DEFAULTS = dict(
     num_leapfrog=3,  # HMC leapfrog steps per MCMC step
     mcmc_steps=1,  # HMC steps per level
-    low_temperature_mcmc_steps=4,  # HMC steps per level for p^beta, beta > 1
+    low_temperature_mcmc_steps=1,  # HMC steps per level for p^beta, beta > 1 (4 measured worse: fewer levels)
+    low_temperature_ramp=3.0,  # LowTemperature's lambda_t = (t / (T - 1))^ramp: tilt only once the modes separate
+    low_temperature_mode=None,  # "twisted" | "sampler" | None: sampler (exact) from this many levels on, else twisted
+    low_temperature_sampler_levels=150,
     pilot_fraction=8,  # pilot particles N_p = max(pilot_min, N / pilot_fraction)
     pilot_min=64,
     pilot_level_fraction=4,  # pilot levels T_p = max(8, T / pilot_level_fraction)
@@ -96,7 +110,7 @@ def low_temperature_formulation(target: Any) -> tuple[Any, float] | None:
 
 
 def default_mcmc_steps(target: Any) -> int:
-    """HMC steps per level the plan uses for `target`: 4 for a low temperature p^beta (beta > 1), else 1."""
+    """HMC steps per level the plan uses for `target` (DEFAULTS: 1, a low temperature p^beta included)."""
     key = "low_temperature_mcmc_steps" if low_temperature_formulation(target) is not None else "mcmc_steps"
     return int(DEFAULTS[key])
 
@@ -141,16 +155,20 @@ def sample_with_budget(
     low = low_temperature_formulation(target) if mode is None else None
     if low is not None:
         target, beta = low
-        potentials.append(LowTemperature(beta))
-        mode, steps = "twisted", cfg["low_temperature_mcmc_steps"]
-        formulation = f"tempered(beta={beta:g}) -> twisted + LowTemperature({beta:g})"
-    mode = "sampler" if mode is None else mode
+        potentials.append(LowTemperature(beta, ramp=cfg["low_temperature_ramp"]))
+        steps = cfg["low_temperature_mcmc_steps"]
     if mcmc is None:
         mcmc = _hmc(steps, cfg["num_leapfrog"])
     # propagation (target + proposal) and MCMC (its moves, then the proposal at the moved points)
     with_proposal = int(fk_kwargs.get("proposal") is not None)
     per_level = 1 + 2 * with_proposal + int(getattr(mcmc, "num_steps", 1)) * int(getattr(mcmc, "num_leapfrog", 1))
     t_total = int(budget // per_level)
+    if low is not None:
+        mode = cfg["low_temperature_mode"] or ("sampler" if t_total >= cfg["low_temperature_sampler_levels"]
+                                               else "twisted")
+        formulation = (f"tempered(beta={beta:g}) -> {mode} + LowTemperature({beta:g}, "
+                       f"ramp={cfg['low_temperature_ramp']:g})")
+    mode = "sampler" if mode is None else mode
     if t_total < 8:
         raise ValueError(f"budget={budget:g} evaluations per particle allows only {t_total} levels at {per_level} "
                          "evaluations per level: give a budget of at least " f"{8 * per_level}")

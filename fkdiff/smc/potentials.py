@@ -16,9 +16,13 @@ In both modes only the last level's potential changes the final law; earlier one
   hard at the last level on x_out like `Box`; before it, w_t(x) = prod_i Phi((b_i - a_i . x) / (sigma_t |a_i|)), the
   probability that x + sigma_t eps satisfies each inequality (exact for one half-space; for several rows the product
   over them, which only guides the particles: the final law is set by the last level's hard indicator alone).
-- `LowTemperature(beta)`: w_t = exp(-(beta - 1) lambda_t E(x, sigma_t)), lambda_t = t / (T - 1) ramping linearly
-  from 0 at the first level (sigma_max) to 1 at the last (sigma_min). In "twisted" mode the terminal law is the proposal's
-  terminal law times p^(beta-1), i.e. approximately p^beta (Thornton et al. 2025, fig. 3; FK steering).
+- `LowTemperature(beta, ramp=1)`: w_t = exp(-(beta - 1) lambda_t E(x, sigma_t)), lambda_t = (t / (T - 1))^ramp rising
+  from 0 at the first level (sigma_max) to 1 at the last (sigma_min). In "twisted" mode without MCMC the terminal law
+  is the proposal's terminal law times p^(beta-1), i.e. approximately p^beta (Thornton et al. 2025, fig. 3; FK
+  steering). With MCMC moves (which target p_sigma_t w_t) the twisted weights lack the base model's kernel ratio, a
+  discretisation bias of log Z that grows with the dimension; "sampler" mode keeps it (exact weights for the path
+  p_sigma_t^(1 + (beta - 1) lambda_t)). A linear ramp tempers overlapping modes at intermediate sigma and can empty
+  the lighter or narrower one; `fkdiff.smc.adaptive` uses ramp=3 (README, "Low temperature").
 - `LogPotential(fn, final_fn=None)`: the generic hook, log w_t(x) = fn(x, sigma_t) `[N]`; at the last level
   `final_fn` (default `fn`) evaluated on the returned point x_out. Plain callables in `potentials=` are wrapped in it.
 
@@ -203,11 +207,15 @@ class LowTemperature(Potential):
 
     Uses the target energy/score the FK model already computed at x (no extra evaluation)."""
 
-    def __init__(self, beta: float, lambda_fn: Callable[[Level], float] | None = None):
+    def __init__(self, beta: float, lambda_fn: Callable[[Level], float] | None = None, *, ramp: float = 1.0):
         if not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be a positive finite number, got {beta}")
-        self.beta = float(beta)
-        self.lambda_fn = lambda_fn if lambda_fn is not None else (lambda level: level.progress)
+        if not (ramp > 0 and math.isfinite(ramp)):
+            raise ValueError(f"ramp must be a positive finite number, got {ramp}")
+        if lambda_fn is not None and ramp != 1.0:
+            raise ValueError("give lambda_fn or ramp, not both")
+        self.beta, self.ramp = float(beta), float(ramp)
+        self.lambda_fn = lambda_fn if lambda_fn is not None else (lambda level: level.progress ** self.ramp)
 
     def _coef(self, level: Level) -> float:
         return -(self.beta - 1.0) * float(self.lambda_fn(level))

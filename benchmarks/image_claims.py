@@ -300,9 +300,10 @@ def exp_temperature(student, clf, args) -> tuple[list, dict, list[str], str]:
     rows.append(row), samples.setdefault(row["row"], x)
     for beta in args.betas:
         mc = "" if args.mcmc == "none" else f"+{args.mcmc.upper()}"
-        lbl = f"class {c}, beta {beta:g} (twisted LowTemperature{mc})"
+        lbl = f"class {c}, beta {beta:g} (twisted LowTemperature ramp {args.ramp:g}{mc})"
         row, x, _ = run_row(lbl, lambda g, b=beta: smc.sample(ct, args.num_particles, num_levels=args.levels,
-                                                             mode="twisted", potentials=[smc.LowTemperature(b)],
+                                                             mode="twisted",
+                                                             potentials=[smc.LowTemperature(b, ramp=args.ramp)],
                                                              mcmc=_kernel(args.mcmc), generator=g, **opts), args.seed)
         row["beta"] = beta
         rows.append(row), samples.setdefault(lbl, x)
@@ -739,6 +740,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cols", type=int, default=3)
     p.add_argument("--threshold", type=float, default=-0.8)
     p.add_argument("--exact-std", type=float, default=0.35, help="exact: std of each image Gaussian")
+    p.add_argument("--ramp", type=float, default=3.0,
+                   help="temperature: LowTemperature's ramp, lambda_t = (t / (T - 1))^ramp (3: fkdiff.smc.adaptive's)")
     p.add_argument("--exact-budget", type=float, default=260.0, help="exact: the low temperature's SMC budget")
     p.add_argument("--teacher", default=None, help="levels: the teacher checkpoint (teacher.pt); shapes: the teacher "
                    "(teacher.pt or a teachers.train .ckpt) for the score baseline row (skipped without it)")

@@ -3,6 +3,9 @@
 - the distillation residual |D_theta - D_teacher|^2 / dim (what no energy can represent, plus fitting error);
 - the teacher's Jacobian asymmetry |J - J^T|_F^2, J = d s_teacher / dx, by Hutchinson: E_v |J v - J^T v|^2 with
   v ~ N(0, I), one jvp and one vjp per probe (Thornton et al. fig. 4); zero for a conservative teacher;
+- the relative asymmetry of any denoiser's Jacobian per sigma, |J - J^T|_F / |J|_F with J = dD(x, sigma)/dx on noised
+  data (`jacobian_asymmetry`, `denoiser_asymmetry_by_sigma`): a DSM teacher's, and ~0 for an energy student (its J is
+  I - sigma^2 Hess E: symmetric by construction);
 - at the end of a run against an exact (analytic) teacher: the excess denoiser error over the optimum, and the error
   of the student's *relative* energies between samples (what SMC weights depend on).
 """
@@ -19,8 +22,8 @@ from torch import Tensor
 from fkdiff.diffusion import append_dims
 from fkdiff.distillation.loss import denoise
 
-__all__ = ["bucketize", "bucket_names", "per_bucket_mean", "teacher_asymmetry", "denoiser_error_by_bucket",
-           "energy_gap_error_by_bucket"]
+__all__ = ["bucketize", "bucket_names", "per_bucket_mean", "teacher_asymmetry", "jacobian_asymmetry",
+           "denoiser_asymmetry_by_sigma", "denoiser_error_by_bucket", "energy_gap_error_by_bucket"]
 
 
 def bucketize(sigma: Tensor, edges: Sequence[float]) -> Tensor:
@@ -70,6 +73,87 @@ def teacher_asymmetry(teacher: Callable, x: Tensor, sigma: Tensor, cond: Any = N
         _, vjp_fn = torch.func.vjp(score_fn, x)
         (jtv,) = vjp_fn(v)
     return (jv - jtv).flatten(1).pow(2).sum(1).detach(), jv.flatten(1).pow(2).sum(1).detach()
+
+
+def jacobian_asymmetry(fn: Callable[[Tensor], Tensor], x: Tensor, generator: torch.Generator,
+                       num_probes: int = 1) -> tuple[Tensor, Tensor]:
+    """Hutchinson estimates, per row, of |J - J^T|_F^2 and |J|_F^2, with J = d fn(x)_b / d x_b the row's Jacobian.
+
+    `fn` maps `x [B, *event]` to `[B, *event]` row by row (rows do not interact) and must be differentiable twice
+    (an energy student's denoiser: call it with create_graph=True). Estimator: for probes v ~ N(0, I) drawn from
+    `generator`, E_v |M v|^2 = tr(M^T M) = |M|_F^2, so with M = J - J^T and M = J,
+        asym_b  = mean over probes of |J v - J^T v|^2     (unbiased for |J - J^T|_F^2)
+        scale_b = mean over probes of |J v|^2             (unbiased for |J|_F^2)
+    J^T v is one vjp of y = fn(x); J v is the double-vjp jvp: g(u) = J^T u = d<y, u>/dx (graph kept), then
+    J v = d<g(u), v>/du (g is linear in u); one forward pass serves every probe. Plain autograd only (no forward
+    mode), so networks whose forward calls torch.autograd.grad (energy students) work. Returns (asym `[B]`,
+    scale `[B]`), float64, detached; the relative asymmetry of a batch is sqrt(asym.mean() / scale.mean()).
+    """
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    x = x.detach().requires_grad_(True)
+    # fused attention kernels (flash / memory-efficient) have no double backward: the math kernel
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        y = fn(x)
+        if y.shape != x.shape:
+            raise ValueError(f"fn must map x {tuple(x.shape)} to the same shape, got {tuple(y.shape)}")
+        u = torch.zeros_like(y, requires_grad=True)
+        (jtu,) = torch.autograd.grad(y, x, u, create_graph=True)
+        asym = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        scale = torch.zeros_like(asym)
+        for _ in range(num_probes):
+            v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            (jtv,) = torch.autograd.grad(y, x, v, retain_graph=True)
+            (jv,) = torch.autograd.grad(jtu, u, v, retain_graph=True)
+            asym += (jv - jtv).detach().flatten(1).double().pow(2).sum(1)
+            scale += jv.detach().flatten(1).double().pow(2).sum(1)
+    return asym / num_probes, scale / num_probes
+
+
+def denoiser_asymmetry_by_sigma(denoiser: Callable, x0: Tensor, sigmas: Sequence[float], generator: torch.Generator,
+                                cond: Any = None, num_probes: int = 1, max_batch: int = 256) -> dict[str, list]:
+    """Relative asymmetry of the denoiser's Jacobian, |J - J^T|_F / |J|_F with J = dD(x, sigma)/dx, per sigma.
+
+    At every sigma in `sigmas`, every row of `x0 [N, *event]` (held-out data; `cond` its conditions) is noised once,
+    x = x0 + sigma eps (eps ~ N(0, I) from `generator`), and `jacobian_asymmetry` (Hutchinson, `num_probes` Gaussian
+    probes a row) estimates a_i ~ |J_i - J_i^T|_F^2 and s_i ~ |J_i|_F^2. Reported per sigma:
+        rel     = sqrt(sum_i a_i / sum_i s_i)   (Thornton et al. fig. 4 shows |J - J^T|^2 of a DSM score network; the
+                  score's Jacobian is (J - I) / sigma^2, with the same antisymmetric part up to 1 / sigma^2)
+        rel_se  = its delta-method standard error over the rows: se(R) = std_i(a_i - R s_i) / (sqrt(N) mean_i s_i),
+                  R = rel^2, se(rel) = se(R) / (2 rel)
+        asym_fro2, jac_fro2 = the means of a_i and s_i (per row, summed over event dims).
+    A conservative denoiser (D = x - sigma^2 grad E: an energy student, an exact GMM) has J = I - sigma^2 Hess E,
+    symmetric: rel is float round-off there. An `fkdiff.energy.EnergyStudent` is called with create_graph=True.
+    """
+    from fkdiff.energy import EnergyStudent
+
+    out: dict[str, list] = {"sigma": [float(s) for s in sigmas], "rel": [], "rel_se": [], "asym_fro2": [],
+                            "jac_fro2": []}
+    for s in out["sigma"]:
+        a_all, s_all = [], []
+        for i in range(0, x0.shape[0], max_batch):
+            xb = x0[i:i + max_batch]
+            cb = None if cond is None else cond[i:i + max_batch]
+            sig = torch.full((xb.shape[0],), s, dtype=xb.dtype, device=xb.device)
+            x = xb + s * torch.randn(xb.shape, generator=generator, dtype=xb.dtype).to(xb.device)
+            if isinstance(denoiser, EnergyStudent):
+                def fn(z, sig=sig, cb=cb):
+                    return denoiser(z, sig, cb, create_graph=True)
+            else:
+                def fn(z, sig=sig, cb=cb):
+                    return denoise(denoiser, z, sig, cb)
+            a, sc = jacobian_asymmetry(fn, x, generator, num_probes)
+            a_all.append(a), s_all.append(sc)
+        a, sc = torch.cat(a_all), torch.cat(s_all)
+        ratio = float(a.mean() / sc.mean().clamp_min(1e-300))
+        se_ratio = float((a - ratio * sc).std() / (math.sqrt(a.numel()) * sc.mean().clamp_min(1e-300))) \
+            if a.numel() > 1 else float("nan")
+        rel = math.sqrt(max(ratio, 0.0))
+        out["rel"].append(rel)
+        out["rel_se"].append(se_ratio / (2 * rel) if rel > 0 else float("nan"))
+        out["asym_fro2"].append(float(a.mean()))
+        out["jac_fro2"].append(float(sc.mean()))
+    return out
 
 
 def _log_uniform(lo: float, hi: float, n: int, generator: torch.Generator) -> Tensor:

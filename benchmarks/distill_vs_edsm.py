@@ -23,10 +23,23 @@ steps, and E-DSM's best (lowest evaluated) error with the step distillation reac
 recipe); `--save-students DIR` also writes both final students (student.pt format) there; `--replot JSON` redraws.
 Measured here (README "Benchmarks"): digits_small 400 steps in 17 min, shapes_small 200 steps in 9 min.
 
+The level term (`distill.levels`, on in the toy2d recipe) is off for both students: it would make the two objectives
+differ by more than the target. Besides the means, the final students' per-row errors are compared paired over the
+held-out rows: `paired[metric]` = mean and standard error of (E-DSM's row error - distillation's row error) and
+z = mean / se.
+
+`--quick` (the default test suite runs it; about 6 s of CPU here): the toy2d recipe with an analytic teacher
+(`--teacher` is a `teachers.presets` name there, default ring8; its denoiser is exact, so "error vs the teacher" is
+exact), a small MLP student, 200 steps, 2048 held-out rows with one noise draw each (iid rows: exact teacher samples,
+own sigma and eps), no figure (JSON and markdown only). It checks the direction of the claim: distillation's final
+held-out error against the teacher is below E-DSM's by more than QUICK_K standard errors of the paired per-row
+difference, and exits with status 1 when not.
+
     python benchmarks/distill_vs_edsm.py --recipe digits_small --teacher runs/digits_small-teacher/teacher.pt \
         --steps 400 --eval-every 25
     python benchmarks/distill_vs_edsm.py --recipe shapes_small --teacher runs/shapes_small-teacher/teacher.pt \
         --steps 200 --eval-every 20 --eval-size 128
+    python benchmarks/distill_vs_edsm.py --quick --out /tmp/distill_vs_edsm_quick
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -45,25 +60,40 @@ from fkdiff.distillation.loss import denoise, split_batch
 from fkdiff.seeding import seeded_generator
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill_vs_edsm"
+# --quick's margin, in standard errors of the paired per-row difference. The rows are iid (one noise draw per held-out
+# example), so by the CLT z = mean / se is ~N(0, 1) when the two students are equally good: z > 4 has one-sided
+# probability 3e-5 there; 4 rather than 2-3 leaves room for the heavy tail of lambda-weighted errors (lambda ~ 1/sigma^2
+# at small sigma) at 2048 rows. The se is over held-out rows only, for these two trained students (one training seed).
+QUICK_K = 4.0
+QUICK = {"recipe": "toy2d", "teacher": "ring8", "steps": 200, "eval_every": 200, "eval_size": None, "eval_noise": 1,
+         "override": ["student.backbone.width=32", "student.backbone.num_blocks=2", "data.batch_size=128",
+                      "data.num_samples=20480"]}  # validation: the last 10%, 2048 exact teacher samples
 
 
-def build(recipe: str, teacher_path: str, init: str, seed: int, device: str, extra: list[str] = ()):
+def build(recipe: str, teacher: str, init: str, seed: int, device: str, extra: list[str] = ()):
     """(cfg, teacher, datamodule, initial student) exactly as `python -m fkdiff.distill recipe=<recipe> <extra>`
-    builds them."""
+    builds them. `teacher`: the teacher.pt path, or a preset name for a recipe with an analytic teacher (toy2d)."""
     from fkdiff.distill import _build_student, _jobs
     from fkdiff.recipes import compose
 
-    overrides = [f"recipe={recipe}", f"teacher.path={teacher_path}", f"seed={seed}", "logger=none", *extra]
+    overrides = [f"recipe={recipe}", f"seed={seed}", "logger=none", *extra]
     if init == "scratch":
         overrides.append("student.warm_start=false")
     cfg = compose(overrides)
+    if cfg.teacher.kind == "analytic":  # = the override teacher.preset=<teacher> (one compose: a second costs ~1 s)
+        cfg.teacher.preset = teacher
+    else:
+        cfg.teacher.path = teacher
     ((_, teacher, dm),) = _jobs(cfg)
     dm.setup("fit")
     torch.manual_seed(seed)  # the student's random init (the distill entry point seeds Lightning the same way)
     student, warm, conditional = _build_student(cfg, teacher, dm)
-    if not conditional:
-        raise ValueError(f"recipe {recipe}: the student is unconditional; this benchmark compares conditional students")
-    return cfg, teacher.to(device).requires_grad_(False).eval(), dm, student.to(device), warm
+    if not conditional and getattr(dm, "cond_kind", "none") != "none":
+        raise ValueError(f"recipe {recipe}: the data are conditioned on {dm.cond_kind} but the student is not; this "
+                         f"benchmark compares students of the data's conditionals")
+    if isinstance(teacher, torch.nn.Module):
+        teacher = teacher.to(device).requires_grad_(False).eval()
+    return cfg, teacher, dm, student.to(device), warm
 
 
 @torch.no_grad()
@@ -75,31 +105,51 @@ def eval_set(dm, loss_fn, seed: int, repeats: int, size: int | None) -> dict:
     batch = dm.val_set.__getitems__(rows.tolist())
     x0, cond = split_batch(batch)
     x0 = x0.repeat(repeats, *([1] * (x0.ndim - 1)))
-    cond = cond.repeat(repeats, *([1] * (cond.ndim - 1)))
+    if cond is not None:
+        cond = cond.repeat(repeats, *([1] * (cond.ndim - 1)))
     sigma, eps = loss_fn.draw(x0, seeded_generator(seed, 0, 0, "bench-eval"))
     return {"x0": x0, "cond": cond, "sigma": sigma, "x": x0 + append_dims(sigma, x0.ndim) * eps,
             "weight": loss_fn.weight(sigma)}
 
 
-def evaluate(student, teacher_out: torch.Tensor, ev: dict, device: str, chunk: int = 256) -> tuple[float, float]:
-    """(dsm, teacher) errors of `student` on the eval set, lambda-weighted, per dimension."""
+def _cond(ev: dict, sl: slice, device: str):
+    return None if ev["cond"] is None else ev["cond"][sl].to(device)
+
+
+def row_errors(student, teacher_out: torch.Tensor, ev: dict, device: str, chunk: int = 256) -> dict:
+    """Per held-out row: {"dsm": lambda |D_theta - x_0|^2 / dim, "teacher": lambda |D_theta - D_teacher|^2 / dim}."""
     dsm, tch = [], []
     student.eval()
     for i in range(0, ev["x0"].shape[0], chunk):
         sl = slice(i, i + chunk)
-        d = denoise(student, ev["x"][sl].to(device), ev["sigma"][sl].to(device), ev["cond"][sl].to(device))
+        d = denoise(student, ev["x"][sl].to(device), ev["sigma"][sl].to(device), _cond(ev, sl, device))
         d = d.detach().cpu()
         dim = d[0].numel()
         dsm.append(ev["weight"][sl] * (d - ev["x0"][sl]).flatten(1).pow(2).sum(1) / dim)
         tch.append(ev["weight"][sl] * (d - teacher_out[sl]).flatten(1).pow(2).sum(1) / dim)
     student.train()
-    return torch.cat(dsm).mean().item(), torch.cat(tch).mean().item()
+    return {"dsm": torch.cat(dsm), "teacher": torch.cat(tch)}
+
+
+def evaluate(student, teacher_out: torch.Tensor, ev: dict, device: str, chunk: int = 256) -> tuple[float, float]:
+    """(dsm, teacher) errors of `student` on the eval set, lambda-weighted, per dimension."""
+    rows = row_errors(student, teacher_out, ev, device, chunk)
+    return rows["dsm"].mean().item(), rows["teacher"].mean().item()
+
+
+def paired(better: torch.Tensor, worse: torch.Tensor) -> dict:
+    """Paired comparison over held-out rows: mean and standard error of (worse - better) per row, z = mean / se
+    (> 0: `better` is lower)."""
+    diff = worse.double() - better.double()
+    mean, se = diff.mean().item(), (diff.std() / math.sqrt(diff.numel())).item()
+    z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))  # se 0: identical rows
+    return {"mean_diff": mean, "se": se, "z": z, "rows": diff.numel()}
 
 
 @torch.no_grad()
 def teacher_outputs(teacher, ev: dict, device: str, chunk: int = 256) -> torch.Tensor:
     return torch.cat([denoise(teacher, ev["x"][i:i + chunk].to(device), ev["sigma"][i:i + chunk].to(device),
-                              ev["cond"][i:i + chunk].to(device)).cpu() for i in range(0, ev["x"].shape[0], chunk)])
+                              _cond(ev, slice(i, i + chunk), device)).cpu() for i in range(0, ev["x"].shape[0], chunk)])
 
 
 def train(target: str, init, teacher, cfg, dm, ev, t_out, args) -> tuple[dict, float, torch.nn.Module]:
@@ -108,6 +158,7 @@ def train(target: str, init, teacher, cfg, dm, ev, t_out, args) -> tuple[dict, f
     from fkdiff.training import adam_with_warmup
 
     dcfg = {**OmegaConf.to_container(cfg.distill, resolve=True), "target": target}
+    dcfg["levels"] = {**(dcfg.get("levels") or {}), "weight": 0.0}  # the projection loss alone (module docstring)
     loss_fn = build_loss(dcfg, init.sigma_data, _sigma_range(cfg, teacher))
     student = copy.deepcopy(init).train()
     opt = adam_with_warmup(student.parameters(), dcfg["lr"], tuple(dcfg["betas"]), dcfg["weight_decay"],
@@ -121,7 +172,7 @@ def train(target: str, init, teacher, cfg, dm, ev, t_out, args) -> tuple[dict, f
     t1 = time.time()
     for k in range(args.steps):
         x0, cond = split_batch(next(batches))
-        out = loss_fn(student, teacher, x0.to(args.device), cond.to(args.device),
+        out = loss_fn(student, teacher, x0.to(args.device), None if cond is None else cond.to(args.device),
                       seeded_generator(args.seed, k, 0, "noise"))
         opt.zero_grad(set_to_none=True)
         out.loss.mean().backward()
@@ -151,7 +202,7 @@ def summary(curves: dict, steps: int) -> dict:
         final, best = e[key][-1], min(e[key])
         reach, reach_best = first_reach(d, key, final), first_reach(d, key, best)
         out[key] = {"edsm_final": final, "distill_final": d[key][-1], "distill_steps_to_edsm_final": reach,
-                    "fraction_of_steps": None if reach is None else reach / steps,
+                    "fraction_of_steps": None if reach is None or steps == 0 else reach / steps,
                     "edsm_best": best, "edsm_best_step": e["step"][e[key].index(best)],
                     "distill_steps_to_edsm_best": reach_best}
     return out
@@ -160,8 +211,12 @@ def summary(curves: dict, steps: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="digits_small",
-                    help="a recipe with a trained teacher: digits_small, shapes_small")
-    ap.add_argument("--teacher", required=True, help="the recipe's teacher.pt (python -m teachers.train recipe=...)")
+                    help="a recipe with a trained teacher (digits_small, shapes_small) or an analytic one (toy2d)")
+    ap.add_argument("--teacher", default=None, help="the recipe's teacher.pt (python -m teachers.train recipe=...); "
+                    "toy2d: a teachers.presets name")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"the test suite's check (module docstring): defaults {QUICK}; exit status 1 when "
+                         f"distillation is not below E-DSM vs the teacher by > {QUICK_K:g} standard errors")
     ap.add_argument("--init", choices=("recipe", "scratch"), default="recipe",
                     help="recipe: the recipe's student.warm_start (auto: from the teacher's backbone); scratch: random")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -177,7 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--name", default=None, help="file stem of the outputs (default: the recipe, + _scratch)")
     ap.add_argument("--save-students", default=None, help="a folder for the two final students (not in git)")
     ap.add_argument("--replot", default=None, help="only redraw the figure (and table) of a result JSON")
+    if ap.parse_known_args(argv)[0].quick:
+        ap.set_defaults(**QUICK, name="toy2d_quick")
     args = ap.parse_args(argv)
+    if args.teacher is None and not args.replot:
+        ap.error("--teacher is required (a teacher.pt; for toy2d a preset name) unless --quick or --replot")
     if args.replot:
         result = json.loads(Path(args.replot).read_text())
         result.update(summary(result["curves"], result["setting"]["steps"]))
@@ -201,9 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.recipe}: event {tuple(dm.event_shape)}, warm start {warm}, {ev['x0'].shape[0]} held-out rows, "
           f"teacher dsm {teacher_dsm:.4f} ({time.time() - t0:.0f} s setup)", flush=True)
 
-    curves, times = {}, {}
+    curves, times, rows = {}, {}, {}
     for target, name in (("teacher", "distill"), ("data", "edsm")):
         curves[name], times[name], student = train(target, init, teacher, cfg, dm, ev, t_out, args)
+        rows[name] = row_errors(student, t_out, ev, args.device)
         if args.save_students:
             from fkdiff.energy import save_student
             save_student(student.eval().cpu(), Path(args.save_students) / f"{name}.pt", step=args.steps,
@@ -213,14 +273,25 @@ def main(argv: list[str] | None = None) -> dict:
               "distill": {k: cfg.distill[k] for k in ("p_mean", "p_std", "lr", "warmup_steps", "gradient_clip_val",
                                                      "weighting")},
               "batch_size": int(cfg.data.batch_size), "eval_rows": int(ev["x0"].shape[0]),
-              "teacher_dsm": teacher_dsm, "curves": curves, "train_seconds": times}
+              "teacher_dsm": teacher_dsm, "curves": curves, "train_seconds": times,
+              "paired": {key: paired(rows["distill"][key], rows["edsm"][key]) for key in ("dsm", "teacher")}}
     result.update(summary(curves, args.steps))
+    if args.quick:
+        result["quick"] = {"k": QUICK_K, "metric": "teacher", "z": result["paired"]["teacher"]["z"],
+                           "holds": result["paired"]["teacher"]["z"] > QUICK_K}
     stem = out / (args.name or args.recipe + ("" if args.init == "recipe" else "_scratch"))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(_table(result))
-    _plot(result, stem.with_suffix(".png"))
     print(_table(result))
-    print(f"wrote {stem}.json, .md and .png")
+    if args.quick:
+        q = result["quick"]
+        print(f"wrote {stem}.json and .md")
+        print(f"quick: distillation below E-DSM vs the teacher by z = {q['z']:.1f} standard errors of the paired "
+              f"difference (needs > {QUICK_K:g}): {'holds' if q['holds'] else 'DOES NOT HOLD'}")
+    else:
+        _plot(result, stem.with_suffix(".png"))
+        print(f"wrote {stem}.json, .md and .png")
+    result["rows"] = rows  # the final students' per-row errors (tensors; returned, not written)
     return result
 
 
@@ -244,6 +315,10 @@ def _table(r: dict) -> str:
         lines.append(f"| {label} | {m['edsm_final']:.4f} | {m['distill_final']:.4f} | "
                      f"{_fmt(m['distill_steps_to_edsm_final'], '{}')} ({_fmt(m['fraction_of_steps'], '{:.2f}')}) | "
                      f"{m['edsm_best']:.4f} ({m['edsm_best_step']}) | {_fmt(m['distill_steps_to_edsm_best'], '{}')} |")
+    if "paired" in r:
+        lines += ["", "Final students, paired over the held-out rows (E-DSM's row error - distillation's):", ""]
+        lines += [f"- {key}: mean {m['mean_diff']:.4g} +- {m['se']:.2g} (se, {m['rows']} rows), z = {m['z']:.1f}"
+                  for key, m in r["paired"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -281,4 +356,5 @@ def _plot(r: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    res = main()
+    sys.exit(0 if res.get("quick", {}).get("holds", True) else 1)

@@ -133,6 +133,16 @@ def _build_student(cfg: DictConfig, teacher, dm):
     return student, copied, conditional
 
 
+def _off_condition(dcfg: DictConfig, dm, conditional: bool):
+    """`distill.off_condition` (p_other, p_uncond) as `OffConditionRows`, or None (off, or an unconditional student)."""
+    from fkdiff.distillation.conditions import OffConditionRows
+
+    oc = _container(dcfg.get("off_condition")) or {}
+    rows = OffConditionRows(float(oc.get("p_other", 0.0)), float(oc.get("p_uncond", 0.0)),
+                            getattr(dm, "num_classes", None) if getattr(dm, "cond_kind", "none") == "class" else None)
+    return rows if rows.active and conditional else None
+
+
 def _sigma_range(cfg: DictConfig, teacher) -> tuple[float, float] | None:
     """The training sigma law's range: the teacher's [sigma_min, sigma_max] (distill.sigma_range=teacher, where the
     teacher declares one), or none (full)."""
@@ -219,7 +229,7 @@ def _distill_one(cfg: DictConfig, trainer_cfg: dict, name: str, teacher, dm, run
         student, teacher, loss, lr=float(dcfg.lr), betas=tuple(dcfg.betas), weight_decay=float(dcfg.weight_decay),
         warmup_steps=int(dcfg.warmup_steps), seed=int(cfg.seed), sigma_buckets=list(dcfg.sigma_buckets),
         diagnostics_every_n_steps=int(dcfg.diagnostics_every_n_steps or 0), run_config=_container(cfg),
-        conditional=conditional)
+        conditional=conditional, off_condition=_off_condition(dcfg, dm, conditional))
     tr = dict(trainer_cfg)
     tr.setdefault("val_check_interval", int(dcfg.val_every_n_steps))
     tr.setdefault("limit_val_batches", 1)        # one batch of val_examples examples

@@ -1,6 +1,7 @@
 """Distillation of a denoiser teacher into an energy student (DESIGN.md section 4; docs/conventions.md), by role:
 
     loss         the Helmholtz projection loss and its E-DSM switch (`DenoiserMatchingLoss`)
+    conditions   off-condition rows: re-label rows (null token, another class) where compositions read the student
     level_loss   the projection loss plus the level term pinning energy levels across sigma (`LevelMatchingLoss`)
     diagnostics  residual, teacher asymmetry (Hutchinson), a denoiser's relative Jacobian asymmetry per sigma,
                  excess denoiser / relative-energy errors per sigma bucket
@@ -17,6 +18,7 @@ processes reproduce one process.
 
 from fkdiff.data.order import StepBatches
 from fkdiff.distillation.callbacks import SamplePlots
+from fkdiff.distillation.conditions import OffConditionRows
 from fkdiff.distillation.diagnostics import (bucket_names, bucketize, denoiser_asymmetry_by_sigma,
                                              denoiser_error_by_bucket, energy_gap_error_by_bucket, jacobian_asymmetry,
                                              per_bucket_mean, teacher_asymmetry)
@@ -36,4 +38,4 @@ __all__ = ["step_seed", "DenoiserMatchingLoss", "LossOutput", "teacher_asymmetry
            "DistillationModule", "FinalCheckpoint", "SamplePlots", "euler_sample", "energy_grid", "image_grid_figure",
            "sample_figure", "plot_densities", "denoise", "split_batch", "LevelMatchingLoss", "LevelMatchingOutput",
            "level_report", "teacher_regions", "mode_offset_error_by_bucket", "time_score_error_by_bucket",
-           "integrated_level_error_by_bucket", "residual_by_bucket"]
+           "integrated_level_error_by_bucket", "residual_by_bucket", "OffConditionRows"]

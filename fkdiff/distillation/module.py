@@ -3,7 +3,9 @@
 A training step: the loss of `fkdiff.distillation.loss` (plus the level term of `fkdiff.distillation.level_loss`
 when the loss is a `LevelMatchingLoss`) on this rank's rows of the step's global batch, with the
 step's (sigma, eps) (`StepModule`: drawn from (seed, step) for the whole global batch), logged per sigma bucket; every
-`diagnostics_every_n_steps` steps also the residual against the teacher and the teacher's Jacobian asymmetry.
+`diagnostics_every_n_steps` steps also the residual against the teacher and the teacher's Jacobian asymmetry. With
+`off_condition` (`fkdiff.distillation.conditions.OffConditionRows`) the training rows' conditions are first re-labelled
+(null token / another class) from the step's "condition" stream; validation keeps the data's own labels.
 Validation computes the same on fixed noise, with the EMA weights (swapped in by EMAWeightAveraging). Batches come
 from the datamodule (`fkdiff.data.StepBatches`), plots from `fkdiff.distillation.callbacks.SamplePlots`.
 """
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fkdiff.diffusion import SIGMA_MAX, SIGMA_MIN, edm_loss_weight
+from fkdiff.distillation.conditions import OffConditionRows
 from fkdiff.distillation.diagnostics import per_bucket_mean, teacher_asymmetry
 from fkdiff.distillation.loss import DenoiserMatchingLoss, LossOutput, denoise, split_batch
 from fkdiff.energy import EnergyStudent
@@ -41,9 +44,11 @@ class DistillationModule(StepModule):
                  *, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0,
                  warmup_steps: int = 0, seed: int = 0,
                  sigma_buckets: Sequence[float] = (SIGMA_MIN, 0.05, 0.2, 1.0, 5.0, SIGMA_MAX),
-                 diagnostics_every_n_steps: int = 0, run_config: dict | None = None, conditional: bool = True):
+                 diagnostics_every_n_steps: int = 0, run_config: dict | None = None, conditional: bool = True,
+                 off_condition: OffConditionRows | None = None):
         super().__init__(seed)
         self.conditional = bool(conditional)  # False: the batches' conditions are dropped (an unconditional teacher)
+        self.off_condition = off_condition  # training rows re-labelled (null token / another class): conditions.py
         self.student = student
         self._teacher = _FrozenRef(teacher)
         if isinstance(teacher, torch.nn.Module):
@@ -72,6 +77,8 @@ class DistillationModule(StepModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0, cond = self._split(batch)
+        if self.off_condition is not None:  # the student copies the teacher under the new condition too
+            cond = self.off_condition(cond, self.step_generator("condition"), self.shard)
         out = self.loss_fn(self.student, self.teacher, x0, cond, self.step_generator("noise"), self.shard)
         self._log_losses("train", out, prog_bar=True)
         loss = out.loss.mean()

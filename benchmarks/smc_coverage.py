@@ -11,6 +11,10 @@ Targets (exact log Z from teachers.analytic.gmm_product):
   gauss2d    product of two correlated 2-D Gaussians
   gmm2d      ring8 x a two-component GMM (2-D)
   gmm8d      product of two 4-component isotropic GMMs in 8-D (means drawn once from a fixed seed)
+  temp2d     low temperature p^2, `compose.tempered(g, 2)`, of a 3-component 2-D GMM with modes of std 0.08 / 0.3 /
+             0.15 and weights 0.2 / 0.5 / 0.3 (`widths3`): at sigma_min the narrow minor mode holds most of p^2's
+             mass; exact log Z = log ∫ p_sigma_min^2 = log sum_ij w_i w_j N(mu_i; mu_j, S_i + S_j)
+             (gmm_product(g, g, sigma_min); checked by quadrature in tests/test_analytic.py)
 
     python benchmarks/smc_coverage.py                       # N = 1000, B = 300, 50 seeds, all targets
     python benchmarks/smc_coverage.py --seeds 20 --targets gauss2d
@@ -46,6 +50,13 @@ def iso(means, std, weights=None) -> GaussianMixture:
                            weights)
 
 
+def widths3() -> GaussianMixture:
+    """3 isotropic 2-D Gaussians of different widths (std 0.08, 0.3, 0.15; weights 0.2, 0.5, 0.3)."""
+    std = torch.tensor([0.08, 0.3, 0.15], dtype=torch.float64)
+    return GaussianMixture(torch.tensor([[-0.6, 0.0], [0.5, 0.3], [0.1, -0.6]], dtype=torch.float64),
+                           std[:, None, None] ** 2 * torch.eye(2, dtype=torch.float64), [0.2, 0.5, 0.3])
+
+
 def make_targets() -> dict:
     g = torch.Generator().manual_seed(1234)
     a8 = iso(0.6 * torch.randn(4, 8, generator=g, dtype=torch.float64), 0.3)
@@ -55,7 +66,10 @@ def make_targets() -> dict:
         "gmm2d": (ring8(), iso([[0.35, 0.35], [-0.35, -0.35]], 0.3)),
         "gmm8d": (a8, b8),
     }
-    return {k: (compose.product(a, b), a.dim, gmm_product(a, b, SIGMA_MIN)[1]) for k, (a, b) in pairs.items()}
+    out = {k: (compose.product(a, b), a.dim, gmm_product(a, b, SIGMA_MIN)[1]) for k, (a, b) in pairs.items()}
+    g = widths3()  # p^2 = p p: the same closed form with both factors g
+    out["temp2d"] = (compose.tempered(g, 2.0), 2, gmm_product(g, g, SIGMA_MIN)[1])
+    return out
 
 
 def main(argv=None):
@@ -65,7 +79,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=50)
     p.add_argument("--first-seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
     p.add_argument("--islands", type=int, default=None, help="islands R for the islands estimator (default: the plan's)")
-    p.add_argument("--targets", nargs="+", default=None)
+    p.add_argument("--targets", nargs="+", default=None, help="default: all of them")
     p.add_argument("--estimators", nargs="+", default=["islands", "lw"])
     p.add_argument("--proposal-variance", default=None, choices=["ancestral", "euler"],
                    help="the proposal variance passed to smc.sample (default: the plan's)")
@@ -94,6 +108,7 @@ def main(argv=None):
                 rows.append(dict(target=name, estimator=est, seed=seed, log_Z=res.log_Z, exact=log_z,
                                  err=res.log_Z - log_z, se=res.log_Z_se, lo=lo, hi=hi, covered=lo <= log_z <= hi,
                                  island_log_Z=isl, used=res.plan["used_evaluations"],
+                                 num_levels=res.plan["num_levels"], formulation=res.plan.get("formulation"),
                                  wall=time.perf_counter() - t0))
             rs = [r for r in rows if r["target"] == name and r["estimator"] == est]
             print(f"[{name} {est}] covers {sum(r['covered'] for r in rs)}/{len(rs)}", flush=True)

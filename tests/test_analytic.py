@@ -185,6 +185,30 @@ def test_gmm_product_log_z_and_density(sigma):
     assert torch.allclose(lr, lq[keep] - log_z, atol=1e-9)
 
 
+def test_low_temperature_coverage_target_log_z_by_quadrature():
+    """benchmarks/smc_coverage.py temp2d: compose.tempered(g, 2) at sigma_min has log Z = log ∫ p_sigma_min^2 =
+    log sum_ij w_i w_j N(mu_i; mu_j, S_i + S_j + 2 sigma_min^2 I), the closed form the coverage benchmark uses."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "smc_coverage.py"
+    spec = importlib.util.spec_from_file_location("smc_coverage", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    target, dim, log_z = bench.make_targets()["temp2d"]
+    g, s = bench.widths3(), bench.SIGMA_MIN
+    assert dim == 2 and target.beta == 2.0 and target.components[0] is not None
+    # trapezoid of p_s^2 with the independent reference density; narrowest component of p^2 has std 0.08 / sqrt(2)
+    # = 0.057, spacing 4 / 300 = 0.013 < std / 4; the grid reaches >= 6 std of p^2 beyond every mean
+    ax = torch.linspace(-2.0, 2.0, 301, dtype=F64)
+    z, pts, lq = _integrate_2d(lambda p: 2 * _mix_logpdf(g, p, s), ax, ax)
+    assert abs(log_z - math.log(z)) < 1e-8, (log_z, math.log(z))
+    # the benchmark's target is that density: energy = -2 log p_s (normalised, no hidden constant)
+    keep = lq > log_z - 30
+    e = target.energy(pts[keep], torch.full((int(keep.sum()),), s, dtype=F64))
+    assert torch.allclose(-e, lq[keep], atol=1e-8)
+
+
 def test_gmm_product_of_two_mixtures_and_errors():
     a, b = P.columns_left(std=0.2), P.ring8(std=0.15)
     s = 0.1

@@ -215,13 +215,9 @@ def test_island_interval_coverage():
 
 
 def test_overhead_benchmark_runs_and_writes_its_table(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from benchmark_modules import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "smc_adaptive_overhead.py"
-    spec = importlib.util.spec_from_file_location("smc_adaptive_overhead", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("smc_adaptive_overhead")
     rows, ratio = bench.main(["--particles", "32", "--budget", "60", "--repeats", "1", "--out", str(tmp_path)])
     assert set(rows) == {"fixed", "planned", "same"} and ratio > 0
     assert all(0.0 < r["target_fraction"] < 1.0 for r in rows.values())

@@ -188,13 +188,9 @@ def test_gmm_product_log_z_and_density(sigma):
 def test_low_temperature_coverage_target_log_z_by_quadrature():
     """benchmarks/smc_coverage.py temp2d: compose.tempered(g, 2) at sigma_min has log Z = log ∫ p_sigma_min^2 =
     log sum_ij w_i w_j N(mu_i; mu_j, S_i + S_j + 2 sigma_min^2 I), the closed form the coverage benchmark uses."""
-    import importlib.util
-    from pathlib import Path
+    from benchmark_modules import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "smc_coverage.py"
-    spec = importlib.util.spec_from_file_location("smc_coverage", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("smc_coverage")
     target, dim, log_z = bench.make_targets()["temp2d"]
     g, s = bench.widths3(), bench.SIGMA_MIN
     assert dim == 2 and target.beta == 2.0 and target.components[0] is not None

@@ -6,25 +6,16 @@ exact analytic teacher) asserts the direction of the claim with a margin from th
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from benchmark_modules import load_benchmark
 from fkdiff import load_energy
 from fkdiff.recipes import compose
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +34,7 @@ def digits_teacher(tmp_path_factory):
 
 
 def test_distill_vs_edsm_same_init_and_outputs(digits_teacher, tmp_path):
-    res = _bench("distill_vs_edsm").main([
+    res = load_benchmark("distill_vs_edsm").main([
         "--recipe", "digits_small", "--teacher", str(digits_teacher), "--steps", "3", "--eval-every", "2",
         "--eval-size", "8", "--eval-noise", "2", "--override", "data.batch_size=8", "--out", str(tmp_path),
         "--save-students", str(tmp_path / "st")])
@@ -76,7 +67,7 @@ def test_denoiser_asymmetry_benchmark(digits_teacher, tmp_path):
         for p in student.parameters():
             p.normal_(0.0, 0.05)
     path = save_student(student, tmp_path / "student.pt")
-    res = _bench("denoiser_asymmetry").main([
+    res = load_benchmark("denoiser_asymmetry").main([
         "--recipe", "digits_small", "--teacher", str(digits_teacher), "--student", f"random={path}",
         "--sigmas", "0.05", "2.0", "--rows", "8", "--probes", "1", "--out", str(tmp_path)])
     t, s = res["models"]["teacher (DSM)"], res["models"]["student: random"]
@@ -94,7 +85,7 @@ def test_distill_vs_edsm_quick_direction(tmp_path):
     iid held-out rows (the module's QUICK_K comment says why 4). The same check fails with the two targets swapped
     (training is deterministic and the target is the only difference, so swapping the targets swaps the final
     students' row errors) and on students that were not trained apart (--steps 0: identical, z = 0)."""
-    bench = _bench("distill_vs_edsm")
+    bench = load_benchmark("distill_vs_edsm")
     res = bench.main(["--quick", "--out", str(tmp_path)])
     k, rows = bench.QUICK_K, res["rows"]
     assert k == 4.0 and res["eval_rows"] == 2048 and res["quick"]["metric"] == "teacher"

@@ -5,7 +5,6 @@ The numbers the full-size runs give are in the report of issue 10; here only the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,21 +13,14 @@ import pytest
 from omegaconf import OmegaConf
 import torch
 
+from benchmark_modules import load_benchmark
 from fkdiff import load_energy
 from fkdiff.recipes import available_recipes, compose
 from teachers import load_teacher
 
-REPO = Path(__file__).resolve().parent.parent
 QUIET = ["logger.kind=none", "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
 SMALL = {"digits_small": ((1, 8, 8), "class", []),
          "shapes_small": ((3, 16, 16), "position", ["data.num_samples=64"])}
-
-
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +93,7 @@ def test_position_map_follows_the_shapes_position_convention():
 
 
 def test_image_recipes_benchmark_writes_metrics(trained, tmp_path):
-    bench = _bench("image_recipes")
+    bench = load_benchmark("image_recipes")
     for recipe in ("digits_small", "shapes_small"):
         teacher, student = trained[recipe]
         out = tmp_path / recipe
@@ -123,7 +115,7 @@ def test_image_recipes_benchmark_writes_metrics(trained, tmp_path):
 @pytest.mark.slow  # 1-2 min on 2 shared cores; the default suite runs benchmarks/image_claims.py --quick instead
 def test_image_smc_sizing_quick(trained, tmp_path):
     """--quick: every target, N=16, 6 levels, with and without HMC, two seeds; rows, aggregates, grids, table."""
-    bench = _bench("image_smc_sizing")
+    bench = load_benchmark("image_smc_sizing")
     _, student = trained["digits_small"]
     out = tmp_path / "sizing"
     res = bench.main(["--student", str(student), "--quick", "--out", str(out),
@@ -155,7 +147,7 @@ def test_image_smc_sizing_quick(trained, tmp_path):
 def test_peak_rss_sees_an_allocation():
     import mmap
 
-    bench = _bench("image_smc_sizing")
+    bench = load_benchmark("image_smc_sizing")
     with bench.PeakRSS() as mem:
         # fresh pages (an anonymous mapping, touched): a tensor here could reuse memory the process already holds
         m = mmap.mmap(-1, 64 * 2**20)
@@ -173,7 +165,7 @@ def test_image_claims_exact_quick_claims_hold(tmp_path):
     hold with a margin of 3 standard errors of the sample size (N = 64): SMC's product of two mixtures of a narrow 1
     and a wide 7 is more often a 1 (exact: all) than the summed scores', p^2 shrinks the spread around each mode, a
     bound is never violated where reverse diffusion violates it."""
-    bench = _bench("image_claims")
+    bench = load_benchmark("image_claims")
     out = tmp_path / "exact"
     res = bench.main(["exact", "--quick", "--out", str(out)])
     rows = {r["row"]: r for r in res["rows"]}
@@ -192,7 +184,7 @@ def test_image_claims_exact_quick_claims_hold(tmp_path):
 def test_image_claims_quick(experiment, trained, tmp_path):
     """benchmarks/image_claims.py --quick on the 2-step student: the rows each experiment promises, the baselines at
     the evaluations SMC used, no NaN sample, a hard bound never violated by what a row returns, table and grid."""
-    bench = _bench("image_claims")
+    bench = load_benchmark("image_claims")
     _, student = trained["digits_small"]
     out = tmp_path / experiment
     res = bench.main([experiment, "--quick", "--student", str(student), "--classifier", str(trained["classifier"]),
@@ -231,7 +223,7 @@ def test_image_claims_quick(experiment, trained, tmp_path):
 def test_image_claims_bound_clip_meets_the_constraint():
     """The clipping baseline's map: violators darkened onto the half-space boundary, others untouched, pixels in
     range."""
-    bench = _bench("image_claims")
+    bench = load_benchmark("image_claims")
     poly = bench.constraint((1, 8, 8), 3, -0.8)
     x = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2
     x[:100] = x[:100] * 0.1 - 0.9  # about half inside
@@ -308,7 +300,7 @@ def test_image_claims_shapes_quick(trained, tmp_path):
     """benchmarks/image_claims.py shapes --quick (Du et al. table 2) on the 2-step shapes student and teacher: every
     sampler row per number of objects, all at the same evaluations per particle, the teacher row on scores alone
     (annealed ULA), accuracies the detector's on what each row returned, table and grid."""
-    bench = _bench("image_claims")
+    bench = load_benchmark("image_claims")
     teacher, student = trained["shapes_small"]
     out = tmp_path / "shapes"
     res = bench.main(["shapes", "--quick", "--student", str(student), "--teacher", str(teacher), "--out", str(out)])
@@ -339,7 +331,7 @@ def test_shapes_positions_are_valid_scenes():
     from fkdiff.data.shapes import pixel_to_position, render
     from fkdiff.metrics import composition_accuracy
 
-    bench = _bench("image_claims")
+    bench = load_benchmark("image_claims")
     px = torch.tensor(bench.SHAPES_PIXELS)
     assert ((px >= 1) & (px <= 14)).all()
     d = (px[:, None] - px[None]).abs().max(-1).values + 100 * torch.eye(len(px), dtype=torch.long)

@@ -47,7 +47,7 @@ def teacher_asymmetry(teacher: Callable, x: Tensor, sigma: Tensor, cond: Any = N
     """Hutchinson estimate of |J - J^T|_F^2 with J = d s_teacher/dx, s = (D(x) - x)/sigma^2, one probe per sample.
 
     Returns (asym `[B]` = |J v - J^T v|^2, scale `[B]` = |J v|^2 (estimates |J|_F^2), for a relative asymmetry).
-    One jvp (forward mode) and one vjp per probe; falls back to the double-vjp jvp if forward mode is unsupported.
+    `jacobian_asymmetry` of the score with one probe (one vjp and one double-vjp jvp).
     A teacher with an exact `energy` (analytic teachers, whose closed-form denoiser is x - sigma^2 grad E to ~1e-13)
     is differentiated through its energy: autograd through the Box's closed-form score is NaN far outside the box at
     small sigma (an inf * 0 in the Mills ratio's derivative), through its energy it is finite.
@@ -62,17 +62,8 @@ def teacher_asymmetry(teacher: Callable, x: Tensor, sigma: Tensor, cond: Any = N
             return -g
         return (denoise(teacher, z, sigma, cond) - z) / s2
 
-    v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    x = x.detach()
-    # fused attention kernels (flash / memory-efficient) have neither forward AD nor double backward: the math kernel
-    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-        try:
-            _, jv = torch.func.jvp(score_fn, (x,), (v,))
-        except (NotImplementedError, RuntimeError):
-            _, jv = torch.autograd.functional.jvp(score_fn, x, v)
-        _, vjp_fn = torch.func.vjp(score_fn, x)
-        (jtv,) = vjp_fn(v)
-    return (jv - jtv).flatten(1).pow(2).sum(1).detach(), jv.flatten(1).pow(2).sum(1).detach()
+    asym, scale = jacobian_asymmetry(score_fn, x, generator, num_probes=1)
+    return asym.to(x.dtype), scale.to(x.dtype)
 
 
 def jacobian_asymmetry(fn: Callable[[Tensor], Tensor], x: Tensor, generator: torch.Generator,

@@ -740,7 +740,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cols", type=int, default=3)
     p.add_argument("--threshold", type=float, default=-0.8)
     p.add_argument("--exact-std", type=float, default=0.35, help="exact: std of each image Gaussian")
-    p.add_argument("--ramp", type=float, default=3.0,
+    p.add_argument("--ramp", type=float, default=float(smc.adaptive.DEFAULTS["low_temperature_ramp"]),
                    help="temperature: LowTemperature's ramp, lambda_t = (t / (T - 1))^ramp (3: fkdiff.smc.adaptive's)")
     p.add_argument("--exact-budget", type=float, default=260.0, help="exact: the low temperature's SMC budget")
     p.add_argument("--teacher", default=None, help="levels: the teacher checkpoint (teacher.pt); shapes: the teacher "

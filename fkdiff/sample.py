@@ -82,7 +82,8 @@ def _potential_specs(opt: dict) -> dict:
                              "in sampler mode use the expression tempered(model, beta) instead")
         # ramp 3: tilt once the modes have separated (a linear ramp can empty the lighter / narrower mode; README
         # "Low temperature"); more MCMC steps per level were measured not to help
-        specs["temperature"] = {"kind": "low_temperature", "beta": float(opt["temperature"]), "ramp": 3.0}
+        specs["temperature"] = {"kind": "low_temperature", "beta": float(opt["temperature"]),
+                                "ramp": float(smc.adaptive.DEFAULTS["low_temperature_ramp"])}
     return specs
 
 
@@ -171,9 +172,12 @@ def run(cfg: DictConfig) -> dict:
             baseline_name = f"naive reverse diffusion ({rd_levels} levels, equal evaluations)"
     atomic_torch_save(saved, run_dir / "samples.pt")
     if opt["plot"]["enabled"]:
-        fig = plotting.samples_figure(target, equal, sigma=float(opt["sigma_min"]), lim=float(opt["plot"]["lim"]),
+        beta = float(opt.get("temperature") or 1.0)  # sample.temperature tilts the final law to p^beta: show that
+        shown, tilt = (target, "") if beta == 1.0 else (compose.tempered(target, beta), f" ^ {beta:g}")
+        fig = plotting.samples_figure(shown, equal, sigma=float(opt["sigma_min"]), lim=float(opt["plot"]["lim"]),
                                       others=None if baseline is None else {baseline_name: baseline.samples},
-                                      title=f"{opt['target']}{_conditions(specs, opt['target'])}\n{result.report()}",
+                                      title=f"{opt['target']}{tilt}{_conditions(specs, opt['target'])}\n"
+                                            f"{result.report()}",
                                       max_batch=opt.get("max_batch"))
         if fig is not None:
             plotting.save(fig, run_dir / "samples.png")
